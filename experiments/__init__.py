@@ -1,0 +1,1 @@
+"""Command-line experiments: thin wrappers that turn flags into a Config and call the trainer."""

@@ -1,0 +1,79 @@
+"""Run configuration: one frozen dataclass, written to `config.json` next to every run."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from gonjax.errors import UsageError
+from gonjax.models import ACTIVATIONS
+
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "coil20")
+
+# Fields that may change when a run is resumed; every other field must match the saved config.json.
+RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "data_dir", "manual_dir", "keep_checkpoints"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that determines a run. Defaults are GON (16, 256) with J's settings (GON-SPEC 5, 8)."""
+
+    model: str = "gon"
+    dataset: str = "fashion_mnist"
+    epochs: int = 500
+    batch_size: int = 64
+    lr: float = 2e-4
+    nz: int = 256
+    ngf: int = 16
+    activation: str = "elu"
+    detach: bool = False  # GON-SPEC 4.2
+    latent_sigma: float = 0.0  # z0 ~ N(0, sigma^2), GON-SPEC 9
+    seed: int = 0
+    max_steps: int | None = None  # stop after this many training steps (then evaluate)
+    data_dir: str | None = None  # TFDS data dir; None = TFDS's default
+    manual_dir: str | None = None  # folder of official files, for offline preparation
+    keep_checkpoints: int = 3
+
+    @property
+    def run_name(self) -> str:
+        """Model name as used in run folders and tables, e.g. `gon_detached`."""
+        return f"{self.model}_detached" if self.detach else self.model
+
+    def validate(self) -> "Config":
+        """Raise UsageError (one line) for a value no run can use."""
+        if self.dataset not in DATASETS:
+            raise UsageError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        if self.activation not in ACTIVATIONS:
+            raise UsageError(f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "nz": self.nz, "ngf": self.ngf,
+                    "keep_checkpoints": self.keep_checkpoints}
+        if self.max_steps is not None:
+            positive["max_steps"] = self.max_steps
+        for name, value in positive.items():
+            if value < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.batch_size < 2:
+            raise UsageError("--batch-size must be at least 2: batch norm needs two images per batch")
+        if not self.lr > 0:
+            raise UsageError(f"--lr must be positive, got {self.lr}")
+        if self.latent_sigma < 0:
+            raise UsageError(f"--latent-sigma must be non-negative, got {self.latent_sigma}")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, path: Path) -> "Config":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = json.loads(Path(path).read_text())
+        return cls(**{k: v for k, v in values.items() if k in fields})
+
+    def differences(self, other: "Config") -> dict[str, tuple]:
+        """Fields that differ and may not change on resume: {name: (self's value, other's value)}."""
+        diff = {}
+        for field in dataclasses.fields(self):
+            a, b = getattr(self, field.name), getattr(other, field.name)
+            if a != b and field.name not in RESUMABLE_CHANGES:
+                diff[field.name] = (a, b)
+        return diff

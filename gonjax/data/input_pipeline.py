@@ -1,0 +1,207 @@
+"""Input pipeline (GON-SPEC 6): TFDS preparation, preprocessing to float32 in [0, 1], batching, prefetch.
+
+A split of these datasets fits in memory (MNIST at 32x32 is 245 MB as float32), so each split is read from TFDS
+once, preprocessed once and held as one array; batches are gathered from it by index. A background thread keeps
+the next batches on the device while the current step runs, so the input pipeline never starves the step.
+
+Resizing (documented choices):
+- MNIST / Fashion-MNIST 28 -> 32 for the conv models: Pillow bilinear on the uint8 image, requantised to uint8,
+  which is what torchvision's `Resize(32)` does on the PIL images of P's scripts (upsampling: no anti-aliasing
+  question arises). The Implicit GON reads them at their native 28x28.
+- COIL-20 128 -> 32: bilinear without anti-aliasing with half-pixel centres: output pixel i sits at input
+  coordinate 4i + 1.5, so it is exactly the mean of the central 2x2 pixels of its 4x4 block (kept in float).
+- CIFAR-10 is 32x32 already.
+"""
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
+
+from gonjax.data.builders import BUILDERS
+from gonjax.errors import DataError
+
+# Side of the images each dataset gives the GON models when not resized (COIL-20 is always downsampled to 32).
+NATIVE_SIZE = {"mnist": 28, "fashion_mnist": 28, "cifar10": 32, "coil20": 32}
+CHANNELS = {"mnist": 1, "fashion_mnist": 1, "cifar10": 3, "coil20": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Both splits of a dataset as float32 NHWC arrays in [0, 1], with a description of how they were made."""
+
+    name: str
+    train: np.ndarray
+    test: np.ndarray
+    info: dict
+
+    @property
+    def channels(self) -> int:
+        return self.train.shape[-1]
+
+
+def find_manual_dir(name: str, manual_dir) -> Path:
+    """The folder holding `name`'s official files: `manual_dir` itself or its subfolder named `name`."""
+    folder = Path(manual_dir).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"--manual-dir {folder} is not a folder; point it at the official {name} files "
+                        f"or at a parent of a folder named {name}")
+    builder = BUILDERS[name]
+    for candidate in (folder / name, folder):
+        if candidate.is_dir() and builder.has_manual_files(candidate):
+            return candidate
+    raise DataError(f"no official {name} files in {folder} or {folder / name}: expected "
+                    f"{', '.join(builder.manual_files())}")
+
+
+def prepare_builder(name: str, data_dir=None, manual_dir=None) -> tfds.core.DatasetBuilder:
+    """The TFDS builder of `name`, prepared in `data_dir` (downloading, or from `manual_dir` when given)."""
+    if name not in BUILDERS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(BUILDERS)}")
+    tfds.disable_progress_bar()
+    builder = BUILDERS[name](data_dir=data_dir, file_format="array_record")
+    if builder.is_prepared():
+        return builder
+    manual = find_manual_dir(name, manual_dir) if manual_dir is not None else None
+    config = tfds.download.DownloadConfig(manual_dir=None if manual is None else str(manual))
+    try:
+        builder.download_and_prepare(download_config=config)
+    except NonMatchingChecksumError as error:
+        first = str(error).splitlines()[0]
+        raise DataError(f"{name}: a file does not match its official checksum ({first}); "
+                        "replace it with the official file") from None
+    except OSError as error:
+        where = f"from {manual}" if manual else "(download failed)"
+        raise DataError(f"could not prepare {name} {where}: {type(error).__name__}: {error}. Offline? Pass "
+                        f"--manual-dir DIR with the official files ({', '.join(BUILDERS[name].manual_files())}) "
+                        f"in DIR or DIR/{name}") from None
+    except ValueError as error:
+        raise DataError(f"could not read the {name} files: {error}") from None
+    return builder
+
+
+def read_split(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
+    """All images of one split as a uint8 NHWC array, in TFDS's fixed stored order (no TensorFlow)."""
+    source = builder.as_data_source(split=split)
+    examples = source.__getitems__(range(len(source)))
+    return np.stack([example["image"] for example in examples])
+
+
+def resize_bilinear_pil(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 NHWC (one channel) -> uint8 at size x size with Pillow's bilinear filter (torchvision Resize)."""
+    from PIL import Image
+
+    resized = [np.asarray(Image.fromarray(image[:, :, 0]).resize((size, size), Image.BILINEAR))
+               for image in images]
+    return np.stack(resized)[..., None]
+
+
+def downsample_central(images: np.ndarray, factor: int) -> np.ndarray:
+    """Bilinear downsampling by an even `factor` without anti-aliasing, half-pixel centres, as float32.
+
+    Output pixel i samples input coordinate factor*i + (factor-1)/2, i.e. the mean of the central 2x2 pixels
+    of its factor x factor block.
+    """
+    n, h, w, c = images.shape
+    blocks = images.reshape(n, h // factor, factor, w // factor, factor, c).astype(np.float32)
+    mid = factor // 2
+    return blocks[:, :, mid - 1:mid + 1, :, mid - 1:mid + 1, :].mean(axis=(2, 4))
+
+
+def preprocess(name: str, images: np.ndarray, image_size: int) -> np.ndarray:
+    """uint8 images of dataset `name` -> float32 in [0, 1] at image_size x image_size (GON-SPEC 6)."""
+    native = NATIVE_SIZE[name]
+    if name == "coil20":
+        images = downsample_central(images, images.shape[1] // native)
+    if image_size != native:
+        if name not in ("mnist", "fashion_mnist") or image_size != 32:
+            raise DataError(f"{name} can be read at {native}x{native}"
+                            f"{' or 32x32' if native == 28 else ''}, not {image_size}x{image_size}")
+        images = resize_bilinear_pil(images, image_size)
+    return (np.asarray(images, np.float32) / np.float32(255.0))
+
+
+def load_dataset(name: str, image_size: int, data_dir=None, manual_dir=None) -> Dataset:
+    """Prepare `name` through TFDS and return both splits preprocessed for a model reading image_size^2."""
+    builder = prepare_builder(name, data_dir, manual_dir)
+    train = preprocess(name, read_split(builder, "train"), image_size)
+    test = preprocess(name, read_split(builder, "test"), image_size)
+    info = {
+        "dataset": name,
+        "tfds_builder": builder.name,
+        "tfds_version": str(builder.version),
+        "tfds_data_dir": str(builder.data_dir),
+        "image_shape": list(train.shape[1:]),
+        "train_images": int(train.shape[0]),
+        "test_images": int(test.shape[0]),
+    }
+    if name == "coil20":
+        info["split_seed"] = BUILDERS[name].SPLIT_SEED
+    return Dataset(name, train, test, info)
+
+
+def num_batches(num_images: int, batch_size: int) -> int:
+    """Batches per pass with the last partial batch dropped (GON-SPEC 6)."""
+    return num_images // batch_size
+
+
+def epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
+    """The training order of `epoch`: a permutation drawn from (seed, epoch) alone, so a resumed run sees the
+    same order as an uninterrupted one."""
+    return np.random.default_rng([seed, epoch]).permutation(num_images)
+
+
+def train_batches(images: np.ndarray, batch_size: int, seed: int, epoch: int, start: int = 0) -> Iterator[np.ndarray]:
+    """Shuffled training batches of `epoch`, from batch index `start` on (drop last)."""
+    order = epoch_order(len(images), seed, epoch)
+    for i in range(start, num_batches(len(images), batch_size)):
+        yield images[order[i * batch_size:(i + 1) * batch_size]]
+
+
+def eval_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Batches in the stored order (drop last), as evaluation sees them."""
+    for i in range(num_batches(len(images), batch_size)):
+        yield images[i * batch_size:(i + 1) * batch_size]
+
+
+def prefetch_to_device(batches: Iterator[np.ndarray], depth: int = 2) -> Iterator[jax.Array]:
+    """Iterate `batches` as device arrays, a background thread staying `depth` batches ahead."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for batch in batches:
+                if stop.is_set():
+                    return
+                buffer.put(jax.device_put(batch))
+        except BaseException as error:  # re-raised in the consumer
+            buffer.put(error)
+            return
+        buffer.put(done)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                buffer.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.01)

@@ -1,0 +1,113 @@
+"""Flax modules of GON-SPEC section 2, with PyTorch's default initialisation (section 2.5).
+
+Every module works in NHWC. Parameter layouts are flax's own; `benchmarks/` ports PyTorch weights into them
+(GON-SPEC 2.1 gives the kernel mapping).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "elu": nn.elu,
+    "relu": nn.relu,
+    "selu": nn.selu,
+}
+
+
+def symmetric_uniform(bound: float) -> Callable:
+    """Initialiser drawing from U(-bound, bound), PyTorch's default (GON-SPEC 2.5).
+
+    `jax.nn.initializers.uniform(s)` draws from [0, s), which is not the same thing.
+    """
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+
+    return init
+
+
+class BatchStatNorm(nn.Module):
+    """Batch norm that always normalises with the statistics of the batch it sees (GON-SPEC 3).
+
+    y = (x - mean) / sqrt(var + eps) * scale + bias, with mean and the biased two-pass variance taken over every
+    axis but the last. P and J run BN in training mode everywhere, so no running average is ever used to
+    normalise. Running averages are still kept in `batch_stats` as PyTorch keeps them (momentum 0.1, unbiased
+    variance), for bookkeeping and parity with the PyTorch reference; initialisation leaves them untouched.
+    """
+
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,))
+        bias = self.param("bias", nn.initializers.zeros, (features,))
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,))
+        running_var = self.variable("batch_stats", "var", jnp.ones, (features,))
+
+        axes = tuple(range(x.ndim - 1))
+        mean = jnp.mean(x, axes)
+        centred = x - mean
+        var = jnp.mean(jnp.square(centred), axes)
+        if not self.is_initializing():
+            count = x.size // features
+            unbiased = jax.lax.stop_gradient(var) * (count / max(count - 1, 1))
+            m = self.momentum
+            running_mean.value = ((1 - m) * running_mean.value
+                                  + m * jax.lax.stop_gradient(mean)).astype(running_mean.value.dtype)
+            running_var.value = ((1 - m) * running_var.value + m * unbiased).astype(running_var.value.dtype)
+        return centred * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+def _torch_conv_transpose(features: int, stride: int, padding: int, name: str) -> nn.ConvTranspose:
+    """PyTorch `ConvTranspose2d(k=4, stride, padding)` as a flax layer, with PyTorch's init.
+
+    PyTorch pads the dilated input by k-1-p on each side; its default init bound is 1/sqrt(16 * Cout), as it
+    reads fan-in from dim 1 of its (Cin, Cout, kh, kw) weight (GON-SPEC 2.1, 2.5).
+    """
+    bound = 1.0 / (16 * features) ** 0.5
+    pad = 4 - 1 - padding
+    return nn.ConvTranspose(
+        features,
+        kernel_size=(4, 4),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        kernel_init=symmetric_uniform(bound),
+        bias_init=symmetric_uniform(bound),
+        name=name,
+    )
+
+
+class ConvDecoder(nn.Module):
+    """The DCGAN-style decoder of GON-SPEC 2.1: latent (B, nz) -> image (B, 32, 32, nc) in (0, 1).
+
+    ConvT(nz->4ngf, 1->4) BN act | ConvT(->2ngf, 4->8) BN act | ConvT(->ngf, 8->16) BN act | ConvT(->nc, 16->32)
+    sigmoid. BN is `BatchStatNorm` (batch statistics in every pass).
+    """
+
+    ngf: int = 16
+    nc: int = 1
+    activation: str = "elu"
+
+    @nn.compact
+    def __call__(self, z: jax.Array) -> jax.Array:
+        act = ACTIVATIONS[self.activation]
+        x = z[:, None, None, :]
+        widths = (4 * self.ngf, 2 * self.ngf, self.ngf)
+        for i, width in enumerate(widths):
+            first = i == 0
+            x = _torch_conv_transpose(width, stride=1 if first else 2, padding=0 if first else 1,
+                                      name=f"deconv{i + 1}")(x)
+            x = act(BatchStatNorm(name=f"bn{i + 1}")(x))
+        x = _torch_conv_transpose(self.nc, stride=2, padding=1, name="deconv4")(x)
+        return nn.sigmoid(x)
+
+
+def count_params(params) -> int:
+    """Number of trainable scalars in a parameter pytree."""
+    return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))

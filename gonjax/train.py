@@ -1,0 +1,268 @@
+"""The one trainer, generic over `zoo.Model`s: jitted steps, evaluation, metrics, pictures, checkpoints, resume.
+
+`train_and_evaluate(config, workdir)` runs a whole experiment into `workdir`:
+  config.json      the run's Config
+  data.json        how the dataset was prepared (TFDS builder, version, split sizes, split seed)
+  metrics.jsonl    one JSON object per evaluation (before training, after every epoch, at --max-steps)
+  recon_<E>.png    first 64 test images beside their reconstructions after epoch E (recon_step<N>.png mid-epoch)
+  curves.png       train/test SSE per image against epoch
+  checkpoints/     orbax checkpoints of step, params, BN state and optimizer state, after every evaluation
+Rerunning on an unfinished workdir resumes from its latest checkpoint with the same data order and keys, so it
+reproduces an uninterrupted run; a finished one is left as it is.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from gonjax import plots
+from gonjax.config import Config
+from gonjax.data import input_pipeline
+from gonjax.errors import DivergedError, UsageError
+from gonjax.zoo import MODELS, Model, build_model
+
+LOG_EVERY = 50  # training steps between progress-bar updates and non-finite checks
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a training step reads and writes; checkpointed as a whole."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def make_optimizer(config: Config) -> optax.GradientTransformation:
+    """Adam of GON-SPEC 5: betas (0.9, 0.999), eps 1e-8, no weight decay, no clipping."""
+    return optax.adam(config.lr, b1=0.9, b2=0.999, eps=1e-8)
+
+
+def create_train_state(model: Model, optimizer: optax.GradientTransformation, rng: jax.Array,
+                       sample_batch: jax.Array) -> TrainState:
+    variables = model.init(rng, sample_batch)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=optimizer.init(params))
+
+
+def make_train_step(model: Model, optimizer: optax.GradientTransformation):
+    """train_step(state, batch, rng) -> (state, metrics): one Adam step on the model's loss.
+
+    The key of a step is fold_in(rng, step), so no key is threaded through Python. Jit it with
+    `donate_argnums=0`.
+    """
+
+    def train_step(state: TrainState, batch: jax.Array, rng: jax.Array):
+        step_rng = jax.random.fold_in(rng, state.step)
+        grad_fn = jax.value_and_grad(model.apply, has_aux=True)
+        (_, (batch_stats, output)), grads = grad_fn(state.params, state.batch_stats, batch, step_rng)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+        return new_state, output.metrics
+
+    return train_step
+
+
+def make_eval_step(model: Model):
+    """eval_step(state, batch, rng) -> (metrics, reconstruction). BN uses the batch's statistics, as in training
+    (GON-SPEC 3); running averages are left as they are."""
+
+    def eval_step(state: TrainState, batch: jax.Array, rng: jax.Array):
+        _, (_, output) = model.apply(state.params, state.batch_stats, batch, rng)
+        return output.metrics, output.reconstruction
+
+    return eval_step
+
+
+def evaluate(eval_step, state: TrainState, images: np.ndarray, batch_size: int, rng: jax.Array):
+    """Mean of every metric over a full pass in batches of `batch_size` (drop last), and the first batch with
+    its reconstruction. Metrics are summed on the device and read once."""
+    sums, first = None, None
+    count = 0
+    for index, batch in enumerate(input_pipeline.prefetch_to_device(
+            input_pipeline.eval_batches(images, batch_size))):
+        metrics, reconstruction = eval_step(state, batch, jax.random.fold_in(rng, index))
+        sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
+        if first is None:
+            first = (batch, reconstruction)
+        count += 1
+    means = {name: float(value) / count for name, value in jax.device_get(sums).items()}
+    return means, (np.asarray(first[0]), np.asarray(first[1]))
+
+
+class RunDir:
+    """A run's folder: refuses to touch anything that is not this run, writes files atomically."""
+
+    def __init__(self, path: Path, config: Config):
+        self.path = Path(path)
+        self._claim(config)
+
+    def _claim(self, config: Config) -> None:
+        config_file = self.path / "config.json"
+        if config_file.exists():
+            try:
+                saved = Config.load(config_file)
+            except (ValueError, TypeError) as error:
+                raise UsageError(f"{config_file} is unreadable ({error}); choose another --workdir") from None
+            diff = saved.differences(config)
+            if diff:
+                listed = ", ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
+                raise UsageError(f"--workdir {self.path} holds a different run ({listed}); "
+                                 "choose another --workdir or rerun with its settings")
+        elif self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            raise UsageError(f"--workdir {self.path} exists and is not a gonjax run; choose another --workdir")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.write_text("config.json", config.to_json() + "\n")
+        except OSError as error:
+            raise UsageError(f"cannot write to --workdir {self.path} ({error.strerror or error}); "
+                             "choose a writable folder") from None
+
+    def write_text(self, name: str, text: str) -> None:
+        target = self.path / name
+        temporary = target.with_name(f".{name}.tmp")
+        temporary.write_text(text)
+        os.replace(temporary, target)
+
+    def read_metrics(self, up_to_step: int) -> list[dict]:
+        """Records of metrics.jsonl up to `up_to_step`; later ones (written after the last checkpoint of an
+        interrupted run) are dropped from the file."""
+        file = self.path / "metrics.jsonl"
+        if not file.exists():
+            return []
+        records = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        kept = [r for r in records if r["step"] <= up_to_step]
+        if len(kept) != len(records):
+            self.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        return kept
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _state_dict(state: TrainState) -> dict:
+    return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+            "opt_state": state.opt_state}
+
+
+def _restore(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
+    target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _state_dict(state))
+    restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(target))
+    return TrainState(**restored)
+
+
+def _epoch_label(step: int, steps_per_epoch: int) -> int | float:
+    epoch = step / steps_per_epoch
+    return int(epoch) if step % steps_per_epoch == 0 else round(epoch, 4)
+
+
+def train_and_evaluate(config: Config, workdir) -> list[dict]:
+    """Train `config.model` on `config.dataset`, evaluating before training and after every epoch.
+
+    Returns the metric records of the whole run (also in workdir/metrics.jsonl).
+    """
+    config.validate()
+    if config.model not in MODELS:
+        raise UsageError(f"unknown model {config.model!r}; choose one of {', '.join(MODELS)}")
+    run = RunDir(Path(workdir), config)
+
+    data = input_pipeline.load_dataset(config.dataset, image_size=32, data_dir=config.data_dir,
+                                       manual_dir=config.manual_dir)
+    run.write_text("data.json", json.dumps(data.info, indent=2) + "\n")
+    steps_per_epoch = input_pipeline.num_batches(len(data.train), config.batch_size)
+    if steps_per_epoch == 0 or input_pipeline.num_batches(len(data.test), config.batch_size) == 0:
+        raise UsageError(f"--batch-size {config.batch_size} is larger than a split of {config.dataset} "
+                         f"({len(data.train)} train / {len(data.test)} test images)")
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+
+    model = build_model(config, data.channels)
+    optimizer = make_optimizer(config)
+    init_rng, train_rng, eval_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+    state = create_train_state(model, optimizer, init_rng, jnp.asarray(data.train[:config.batch_size]))
+    train_step = jax.jit(make_train_step(model, optimizer), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(model))
+
+    manager = ocp.CheckpointManager(
+        (run.path / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+    if manager.latest_step() is not None:
+        state = _restore(manager, state)
+    step = int(state.step)
+    records = run.read_metrics(up_to_step=step)
+    if step >= total_steps and records and records[-1]["step"] == step:
+        print(f"{run.path}: this run already finished at step {step} (epoch {records[-1]['epoch']}); "
+              "raise --epochs or --max-steps to train on, or choose another --workdir", flush=True)
+        manager.close()
+        return records
+    if step:
+        print(f"{run.path}: resuming from step {step}", flush=True)
+
+    train_seconds = records[-1]["seconds"] if records else 0.0
+
+    def evaluate_and_record():
+        eval_start = time.perf_counter()
+        record = {"epoch": _epoch_label(step, steps_per_epoch), "step": step}
+        split_rngs = jax.random.split(jax.random.fold_in(eval_rng, step))
+        for split, images, rng in (("train", data.train, split_rngs[0]), ("test", data.test, split_rngs[1])):
+            means, pictures = evaluate(eval_step, state, images, config.batch_size, rng)
+            record.update({f"{split}_{name}": value for name, value in means.items()})
+        record["seconds"] = round(train_seconds, 3)
+        record["eval_seconds"] = round(time.perf_counter() - eval_start, 3)
+        if not all(math.isfinite(v) for k, v in record.items() if k.endswith("_loss")):
+            raise DivergedError(f"non-finite loss at step {step} ({record}); lower --lr or check the data")
+        run.append_metrics(record)
+        records.append(record)
+        name = f"recon_{record['epoch']}.png" if isinstance(record["epoch"], int) else f"recon_step{step}.png"
+        plots.save_reconstructions(run.path / name, *pictures, title=f"(epoch {record['epoch']})")
+        plots.save_curves(run.path / "curves.png", records)
+        manager.save(step, args=ocp.args.StandardSave(_state_dict(state)), force=True)
+        print(f"epoch {record['epoch']} step {step}: train sse {record['train_sse']:.4f} "
+              f"test sse {record['test_sse']:.4f} loss {record['train_loss']:.6f}/{record['test_loss']:.6f} "
+              f"({record['eval_seconds']:.1f}s eval)", flush=True)
+
+    if not records or records[-1]["step"] != step:
+        evaluate_and_record()
+
+    show_progress = sys.stderr.isatty()
+    while step < total_steps:
+        epoch, start = divmod(step, steps_per_epoch)
+        count = min(steps_per_epoch - start, total_steps - step)
+        batches = input_pipeline.prefetch_to_device(
+            input_pipeline.train_batches(data.train, config.batch_size, config.seed, epoch, start))
+        bar = tqdm(total=count, desc=f"epoch {epoch + 1}", disable=not show_progress, leave=False)
+        epoch_start = time.perf_counter()
+        for batch in islice(batches, count):
+            state, metrics = train_step(state, batch, train_rng)
+            step += 1
+            bar.update()
+            if step % LOG_EVERY == 0 or step == total_steps:
+                loss = float(metrics["loss"])
+                if not math.isfinite(loss):
+                    raise DivergedError(f"non-finite training loss at step {step}; lower --lr or check the data")
+                bar.set_postfix(loss=f"{loss:.5f}")
+        jax.block_until_ready(state)
+        train_seconds += time.perf_counter() - epoch_start
+        bar.close()
+        evaluate_and_record()
+    manager.wait_until_finished()
+    manager.close()
+    return records
