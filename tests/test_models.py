@@ -1,0 +1,88 @@
+"""Conv decoder (GON-SPEC 2.1, 2.5, 2.6, 3) against the spec's counts and an independent float64 reference."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference
+from gonjax.models import BatchStatNorm, ConvDecoder, count_params, symmetric_uniform
+
+
+@pytest.mark.parametrize("ngf, nz, nc, expected", [
+    (16, 256, 1, 303_697), (16, 256, 3, 304_211),
+    (32, 256, 1, 689_313), (32, 256, 3, 690_339),
+    (16, 512, 1, 565_841), (16, 512, 3, 566_355),
+    (8, 256, 1, 141_609), (8, 256, 3, 141_867),
+    (16, 32, 1, 74_321),  # P's own GON default
+])
+def test_decoder_parameter_counts_match_spec(ngf, nz, nc, expected):
+    variables = jax.eval_shape(ConvDecoder(ngf=ngf, nc=nc).init, jax.random.PRNGKey(0), jnp.zeros((2, nz)))
+    assert count_params(variables["params"]) == expected
+
+
+@pytest.mark.parametrize("nc", [1, 3])
+def test_decoder_output_shape_and_range(nc):
+    decoder = ConvDecoder(ngf=4, nc=nc)
+    z = jax.random.normal(jax.random.PRNGKey(1), (5, 8))
+    variables = decoder.init(jax.random.PRNGKey(0), z)
+    out, _ = decoder.apply(variables, z, mutable=["batch_stats"])
+    assert out.shape == (5, 32, 32, nc)
+    assert float(out.min()) > 0.0 and float(out.max()) < 1.0
+
+
+def test_symmetric_uniform_is_symmetric_and_bounded():
+    draws = np.asarray(symmetric_uniform(0.25)(jax.random.PRNGKey(0), (200_000,)))
+    assert draws.min() >= -0.25 and draws.max() <= 0.25
+    assert draws.min() < -0.249 and draws.max() > 0.249  # fills (-k, k), not [0, k)
+    assert abs(draws.mean()) < 2e-3
+    assert abs(draws.std() - 0.25 / np.sqrt(3)) < 2e-3
+
+
+def test_decoder_init_bounds_are_pytorch_defaults():
+    ngf, nz, nc = 16, 256, 1
+    params = ConvDecoder(ngf=ngf, nc=nc).init(jax.random.PRNGKey(0), jnp.zeros((2, nz)))["params"]
+    for name, cout in [("deconv1", 4 * ngf), ("deconv2", 2 * ngf), ("deconv3", ngf), ("deconv4", nc)]:
+        bound = 1 / np.sqrt(16 * cout)  # fan-in from dim 1 of PyTorch's (Cin, Cout, kh, kw) weight
+        kernel = np.asarray(params[name]["kernel"])
+        assert np.abs(kernel).max() <= bound
+        assert np.abs(kernel).max() > 0.95 * bound
+        assert np.abs(np.asarray(params[name]["bias"])).max() <= bound
+    for i in (1, 2, 3):
+        np.testing.assert_array_equal(params[f"bn{i}"]["scale"], 1.0)
+        np.testing.assert_array_equal(params[f"bn{i}"]["bias"], 0.0)
+
+
+def _f64(tree):
+    return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), tree)
+
+
+def test_decoder_matches_numpy_float64_reference():
+    with jax.enable_x64(True):
+        decoder = ConvDecoder(ngf=3, nc=2)
+        z = np.random.default_rng(0).normal(size=(4, 5))
+        variables = _f64(decoder.init(jax.random.PRNGKey(3), jnp.zeros((4, 5))))
+        rng = np.random.default_rng(1)  # non-trivial BN affine parameters
+        for i in (1, 2, 3):
+            bn = variables["params"][f"bn{i}"]
+            bn["scale"] = rng.uniform(0.5, 1.5, bn["scale"].shape)
+            bn["bias"] = rng.normal(size=bn["bias"].shape)
+        out, _ = decoder.apply(variables, jnp.asarray(z), mutable=["batch_stats"])
+        assert out.dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(out), reference.decoder(variables["params"], z), rtol=1e-12,
+                                   atol=1e-13)
+
+
+def test_batch_stat_norm_normalises_with_batch_statistics_and_tracks_pytorch_running_averages():
+    with jax.enable_x64(True):
+        x = np.random.default_rng(0).normal(2.0, 3.0, size=(6, 3, 3, 4))
+        norm = BatchStatNorm()
+        variables = _f64(norm.init(jax.random.PRNGKey(0), jnp.asarray(x)))
+        np.testing.assert_array_equal(variables["batch_stats"]["mean"], 0.0)  # init does not update
+        np.testing.assert_array_equal(variables["batch_stats"]["var"], 1.0)
+        y, updates = norm.apply(variables, jnp.asarray(x), mutable=["batch_stats"])
+        mean = x.mean(axis=(0, 1, 2))
+        biased = x.var(axis=(0, 1, 2))
+        np.testing.assert_allclose(np.asarray(y), (x - mean) / np.sqrt(biased + 1e-5), rtol=1e-12)
+        n = 6 * 3 * 3
+        np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.1 * mean, rtol=1e-12)
+        np.testing.assert_allclose(updates["batch_stats"]["var"], 0.9 + 0.1 * biased * n / (n - 1), rtol=1e-12)
