@@ -35,7 +35,7 @@ from gonjax.data import input_pipeline
 from gonjax.errors import DivergedError, UsageError
 from gonjax.zoo import MODELS, Model, build_model
 
-LOG_EVERY = 50  # training steps between progress-bar updates and non-finite checks
+LOG_EVERY = 50  # training steps between progress-bar updates and non-finite checks (and at epoch ends)
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -227,8 +227,10 @@ def train_and_evaluate(config: Config, workdir) -> list[dict]:
             record.update({f"{split}_{name}": value for name, value in means.items()})
         record["seconds"] = round(train_seconds, 3)
         record["eval_seconds"] = round(time.perf_counter() - eval_start, 3)
-        if not all(math.isfinite(v) for k, v in record.items() if k.endswith("_loss")):
-            raise DivergedError(f"non-finite loss at step {step} ({record}); lower --lr or check the data")
+        bad = [k for k, v in record.items() if not math.isfinite(v)]
+        if bad:
+            raise DivergedError(f"non-finite evaluation metrics at step {step} ({', '.join(bad)}); "
+                                "lower --lr or check the data")
         run.append_metrics(record)
         records.append(record)
         name = f"recon_{record['epoch']}.png" if isinstance(record["epoch"], int) else f"recon_step{step}.png"
@@ -242,6 +244,12 @@ def train_and_evaluate(config: Config, workdir) -> list[dict]:
     if not records or records[-1]["step"] != step:
         evaluate_and_record()
 
+    def check_finite(metrics) -> float:
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+            raise DivergedError(f"non-finite training loss at step {step}; lower --lr or check the data")
+        return loss
+
     show_progress = sys.stderr.isatty()
     while step < total_steps:
         epoch, start = divmod(step, steps_per_epoch)
@@ -254,12 +262,9 @@ def train_and_evaluate(config: Config, workdir) -> list[dict]:
             state, metrics = train_step(state, batch, train_rng)
             step += 1
             bar.update()
-            if step % LOG_EVERY == 0 or step == total_steps:
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    raise DivergedError(f"non-finite training loss at step {step}; lower --lr or check the data")
-                bar.set_postfix(loss=f"{loss:.5f}")
-        jax.block_until_ready(state)
+            if step % LOG_EVERY == 0:
+                bar.set_postfix(loss=f"{check_finite(metrics):.5f}")
+        check_finite(metrics)  # also waits for the last step
         train_seconds += time.perf_counter() - epoch_start
         bar.close()
         evaluate_and_record()

@@ -1,0 +1,125 @@
+"""The trainer: compile once, resume exactly, refuse to touch other runs, stop on divergence."""
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gonjax import train, zoo
+from gonjax.config import Config
+from gonjax.errors import DivergedError, UsageError
+
+TINY = dict(dataset="coil20", ngf=4, nz=8)
+
+
+def _config(shared_data, tfds_dir, **overrides):
+    return Config(**{**TINY, "data_dir": str(tfds_dir), "manual_dir": str(shared_data), **overrides})
+
+
+def test_train_and_eval_steps_compile_once():
+    config = Config(ngf=4, nz=8)
+    model = zoo.build_model(config, nc=1)
+    optimizer = train.make_optimizer(config)
+    images = jnp.asarray(np.random.default_rng(0).uniform(size=(6, 32, 32, 1)), jnp.float32)
+    state = train.create_train_state(model, optimizer, jax.random.PRNGKey(0), images)
+    train_step = jax.jit(chex.assert_max_traces(train.make_train_step(model, optimizer), n=1), donate_argnums=0)
+    eval_step = jax.jit(chex.assert_max_traces(train.make_eval_step(model), n=1))
+    for i in range(4):
+        batch = images + 0.01 * i
+        state, metrics = train_step(state, batch, jax.random.PRNGKey(1))
+        eval_step(state, batch, jax.random.PRNGKey(2))
+    assert int(state.step) == 4 and np.isfinite(float(metrics["loss"]))
+
+
+def test_train_step_is_one_adam_step_on_the_model_gradient():
+    config = Config(ngf=4, nz=8)
+    model = zoo.build_model(config, nc=1)
+    optimizer = train.make_optimizer(config)
+    with jax.enable_x64(True):  # float64: no gradient component is lost in rounding noise
+        images = jnp.asarray(np.random.default_rng(1).uniform(size=(4, 32, 32, 1)))
+        state = train.create_train_state(model, optimizer, jax.random.PRNGKey(0), images)
+        state = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64) if x.dtype == jnp.float32 else x, state)
+        grads = jax.grad(lambda p: model.apply(p, state.batch_stats, images, jax.random.PRNGKey(0))[0])(
+            state.params)
+        # The first Adam step from zero moments moves each parameter by lr * g / (|g| + eps) (bias-corrected).
+        expected = jax.tree_util.tree_map(lambda p, g: p - config.lr * g / (jnp.abs(g) + 1e-8), state.params, grads)
+        new_state, _ = jax.jit(train.make_train_step(model, optimizer))(state, images, jax.random.PRNGKey(0))
+        # atol: biases ahead of a BN have gradient 0 up to 1e-13 noise, which Adam scales to up to lr; a wrong
+        # learning rate, sign or optimizer is off by ~lr = 2e-4.
+        chex.assert_trees_all_close(new_state.params, expected, rtol=0, atol=1e-6)
+        moved = jax.tree_util.tree_map(lambda a, b: jnp.abs(a - b).max(), new_state.params, state.params)
+        assert max(jax.tree_util.tree_leaves(moved)) > 1.9e-4
+        assert isinstance(new_state.opt_state[0], optax.ScaleByAdamState)
+        assert int(new_state.step) == 1
+
+
+def test_training_reduces_coil20_error_and_writes_every_artefact(shared_data, tfds_dir, tmp_path, monkeypatch):
+    make_train_step = train.make_train_step
+    monkeypatch.setattr(train, "make_train_step", lambda m, o: chex.assert_max_traces(make_train_step(m, o), n=1))
+    records = train.train_and_evaluate(_config(shared_data, tfds_dir, epochs=2, lr=2e-3), tmp_path / "run")
+    assert [r["step"] for r in records] == [0, 18, 36]
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert records[-1]["train_sse"] < records[1]["train_sse"] < 0.8 * records[0]["train_sse"]
+    for record in records:  # SSE/img = 1024 x the per-pixel loss on 32x32x1 (GON-SPEC 7)
+        np.testing.assert_allclose(record["test_sse"], 1024 * record["test_loss"], rtol=1e-5)
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"config.json", "data.json", "metrics.jsonl", "curves.png", "checkpoints",
+            "recon_0.png", "recon_1.png", "recon_2.png"} <= names
+
+
+def test_resumed_run_reproduces_an_uninterrupted_one(shared_data, tfds_dir, tmp_path):
+    straight = train.train_and_evaluate(_config(shared_data, tfds_dir, epochs=3, max_steps=30), tmp_path / "a")
+    train.train_and_evaluate(_config(shared_data, tfds_dir, epochs=3, max_steps=11), tmp_path / "b")
+    resumed = train.train_and_evaluate(_config(shared_data, tfds_dir, epochs=3, max_steps=30), tmp_path / "b")
+    strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k} for r in rs]
+    assert [r["step"] for r in resumed] == [0, 11, 18, 30]
+    assert [r["step"] for r in straight] == [0, 18, 30]
+    assert strip(resumed)[2:] == strip(straight)[1:]  # bit-identical metrics after the interruption
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 11, 18, 30]
+
+
+def test_finished_run_is_left_alone(shared_data, tfds_dir, tmp_path, capsys):
+    config = _config(shared_data, tfds_dir, max_steps=2)
+    train.train_and_evaluate(config, tmp_path / "run")
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir() if p.is_file()}
+    records = train.train_and_evaluate(config, tmp_path / "run")
+    assert "already finished" in capsys.readouterr().out
+    assert [r["step"] for r in records] == [0, 2]
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir() if p.is_file()}
+    assert {k: v for k, v in after.items() if k not in ("config.json", "data.json")} == \
+        {k: v for k, v in before.items() if k not in ("config.json", "data.json")}
+
+
+def test_workdir_of_another_run_or_not_a_run_is_refused(shared_data, tfds_dir, tmp_path):
+    train.train_and_evaluate(_config(shared_data, tfds_dir, max_steps=1), tmp_path / "run")
+    with pytest.raises(UsageError, match=r"holds a different run \(lr: 0.0002 there vs 0.001 now\)"):
+        train.train_and_evaluate(_config(shared_data, tfds_dir, max_steps=1, lr=1e-3), tmp_path / "run")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "results.txt").write_text("precious")
+    with pytest.raises(UsageError, match="is not a gonjax run"):
+        train.train_and_evaluate(_config(shared_data, tfds_dir, max_steps=1), tmp_path / "other")
+    assert (tmp_path / "other" / "results.txt").read_text() == "precious"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="cannot write to --workdir"):
+        train.train_and_evaluate(_config(shared_data, tfds_dir, max_steps=1), tmp_path / "file" / "run")
+
+
+def test_non_finite_loss_stops_the_run_before_checkpointing(shared_data, tfds_dir, tmp_path, monkeypatch):
+    def exploding(config, nc):
+        model = zoo.gon(config, nc)
+
+        def apply(params, state, batch, rng):
+            loss, aux = model.apply(params, state, batch, rng)
+            return loss * jnp.inf, aux
+
+        return zoo.Model(model.name, model.init, apply)
+
+    monkeypatch.setitem(zoo.MODELS, "gon", exploding)
+    with pytest.raises(DivergedError, match="non-finite training loss at step"):
+        train.train_and_evaluate(_config(shared_data, tfds_dir, epochs=4), tmp_path / "run")
+    steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [0]
