@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -66,6 +67,7 @@ def run(model: str, description: str, argv: Sequence[str] | None,
         train: Callable[[Config, Path], object]) -> int:
     """Parse flags, run `train(config, workdir)`, turn user errors into one line on stderr and exit 1."""
     prog = f"python -m experiments.{model}"
+    logging.getLogger("absl").setLevel(logging.ERROR)  # TFDS's informational warnings; errors still show
     args = build_parser(prog, description, Config(model=model)).parse_args(argv)
     try:
         config = config_from_args(args, model).validate()
