@@ -24,6 +24,7 @@ from gonjax.models import ConvDecoder
 class ModelOutput(NamedTuple):
     reconstruction: jax.Array
     metrics: dict[str, jax.Array]
+    latent: jax.Array | None = None  # the latent the reconstruction was decoded from, where there is one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +66,7 @@ def gon(config: Config, nc: int) -> Model:
         loss, result = origin.origin_step(fit, params, batch_stats, images, rng_fit, z0, detach=detach)
         metrics = reconstruction_metrics(result.output, images)
         metrics["inner_loss"] = result.inner_loss
-        return loss, (result.state, ModelOutput(result.output, metrics))
+        return loss, (result.state, ModelOutput(result.output, metrics, result.latent))
 
     def init(rng, images):
         return dict(decoder.init(rng, jnp.zeros((images.shape[0], nz), images.dtype)))
