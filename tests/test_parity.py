@@ -2,7 +2,8 @@
 
 float64: one full training step agrees to relative error 1e-6 in the latent, both losses, every parameter
 gradient, the parameters after Adam and the BN running statistics (GON-SPEC 3: float32 cannot be compared
-bitwise at the origin). float32: 200 training steps on the same Fashion-MNIST batches give the same loss curve.
+bitwise at the origin). float32: 200 training steps on the same Fashion-MNIST batches give the same loss curve
+within 1%.
 """
 import jax
 import jax.numpy as jnp
@@ -122,10 +123,9 @@ def test_float32_loss_curves_agree_over_200_steps(shared_data, tfds_dir):
 
     Tolerance: in float32 the origin step amplifies rounding by ~1/sqrt(eps) per zero-variance BN, so the two
     latents differ by ~1e-2 relative from the first step (GON-SPEC 3) and the trajectories separate like two
-    runs of one framework under different summation orders. What must agree is the curve: the loss falls from
-    ~0.2 to a few hundredths, and mean losses over windows of 20 steps agree within 5%. A wrong loss reduction,
-    learning rate, BN mode or missing second-order term moves these windows by far more (the detached GON ends
-    ~2x higher).
+    runs of one framework under different summation orders. What must agree is the curve: mean losses over
+    windows of 20 steps. Measured: they agree within 0.35% (the loss falls from 0.145 to 0.034), so 1% is the
+    bound. The detached GON, the nearest wrong model, is 5-7.5% above over the last four windows.
     """
     steps, batch_size = 200, 64
     data = input_pipeline.load_dataset("fashion_mnist", 32, tfds_dir, shared_data)
@@ -155,4 +155,4 @@ def test_float32_loss_curves_agree_over_200_steps(shared_data, tfds_dir):
     assert torch_losses[-20:].mean() < 0.3 * torch_losses[:20].mean()
     windows_jax = jax_losses.reshape(10, 20).mean(1)
     windows_torch = torch_losses.reshape(10, 20).mean(1)
-    np.testing.assert_allclose(windows_jax, windows_torch, rtol=0.05)
+    np.testing.assert_allclose(windows_jax, windows_torch, rtol=0.01)

@@ -1,0 +1,237 @@
+"""Training-step time and evaluation throughput, gonjax against the PyTorch reference, in one process.
+
+    python -m benchmarks.step_time --model gon [--batch-size 64 --ngf 16 --nz 256 --dataset-shape 32x32x1]
+                                   [--steps 30] [--json FILE]
+
+Both frameworks start from the same weights (PyTorch's init ported to Flax) and step on the same batches.
+Timed steps are interleaved (one JAX step, one PyTorch step, ...) so both see the same machine load; each step is
+timed to completion (`block_until_ready` for JAX, `torch.cuda.synchronize` on a GPU). JAX runs the jitted train
+step with its state donated; PyTorch runs eagerly with as many threads as JAX's CPU backend uses.
+The evaluation figure is images per second over passes of `--eval-batches` batches (the full-pass procedure of
+the trainer: origin step per batch of 64, BN with batch statistics, SSE per image).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import flax
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+import optax
+import torch
+
+from benchmarks import torch_reference as tr
+from gonjax import train, zoo
+from gonjax.config import Config
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    """A model as both frameworks run it."""
+
+    config: Callable[[argparse.Namespace], Config]
+    torch_model: Callable[[Config, int], torch.nn.Module]
+    torch_train_step: Callable  # (module, optimizer, images, config) -> None
+    torch_eval_step: Callable  # (module, images, config) -> per-batch mean SSE (tensor)
+    flax_variables: Callable[[torch.nn.Module], dict]
+
+
+def _gon_config(detach: bool):
+    return lambda args: Config(ngf=args.ngf, nz=args.nz, lr=2e-4, detach=detach)
+
+
+def _gon_eval(decoder, images, config):
+    _, _, _, reconstruction = tr.gon_forward(decoder, images, config.nz, train=False)
+    return ((reconstruction - images) ** 2).sum((1, 2, 3)).mean()
+
+
+def _gon_benchmark(detach: bool) -> Benchmark:
+    return Benchmark(
+        config=_gon_config(detach),
+        torch_model=lambda config, nc: tr.ConvDecoder(nz=config.nz, ngf=config.ngf, nc=nc),
+        torch_train_step=lambda module, opt, images, config: tr.gon_train_step(module, opt, images, config.nz,
+                                                                              config.detach),
+        torch_eval_step=_gon_eval,
+        flax_variables=tr.flax_variables,
+    )
+
+
+BENCHMARKS = {"gon": _gon_benchmark(False), "gon_detached": _gon_benchmark(True)}
+
+
+def _summary(samples_s: list[float]) -> dict:
+    ms = sorted(1000 * s for s in samples_s)
+    quartiles = statistics.quantiles(ms, n=4)
+    return {"median": statistics.median(ms), "p25": quartiles[0], "p75": quartiles[2], "min": ms[0], "max": ms[-1],
+            "n": len(ms)}
+
+
+def _torch_sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_benchmark(name: str, args: argparse.Namespace) -> dict:
+    bench = BENCHMARKS[name]
+    config = bench.config(args)
+    h, w, c = args.shape
+    rng = np.random.default_rng(0)
+    batches = rng.uniform(size=(args.distinct_batches, args.batch_size, h, w, c)).astype(np.float32)
+
+    jax_device = jax.devices()[0]
+    torch_device = torch.device("cuda" if jax_device.platform == "gpu" and torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    module = bench.torch_model(config, c).to(torch_device)
+    variables = bench.flax_variables(module)
+    optimizer = tr.make_adam(module, config.lr)
+    torch_batches = [tr.nhwc(b).to(torch_device) for b in batches]
+
+    model = zoo.build_model(config, c)
+    jax_optimizer = train.make_optimizer(config)
+    params = jax.device_put(variables["params"])
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                             batch_stats=jax.device_put(variables["batch_stats"]),
+                             opt_state=jax_optimizer.init(params))
+    jax_batches = [jax.device_put(b) for b in batches]
+    train_step = jax.jit(train.make_train_step(model, jax_optimizer), donate_argnums=0)
+    eval_step = jax.jit(train.make_eval_step(model))
+    key = jax.random.PRNGKey(0)
+
+    start = time.perf_counter()
+    state, _ = train_step(state, jax_batches[0], key)
+    jax.block_until_ready(state)
+    jax_first = time.perf_counter() - start
+    start = time.perf_counter()
+    jax.block_until_ready(eval_step(state, jax_batches[0], key))
+    jax_eval_first = time.perf_counter() - start
+    start = time.perf_counter()
+    bench.torch_train_step(module, optimizer, torch_batches[0], config)
+    _torch_sync(torch_device)
+    torch_first = time.perf_counter() - start
+
+    for i in range(args.warmup):
+        state, _ = train_step(state, jax_batches[i % len(jax_batches)], key)
+        bench.torch_train_step(module, optimizer, torch_batches[i % len(torch_batches)], config)
+    jax.block_until_ready(state)
+    _torch_sync(torch_device)
+
+    jax_times, torch_times = [], []
+    for i in range(args.steps):
+        index = i % len(jax_batches)
+        start = time.perf_counter()
+        state, metrics = train_step(state, jax_batches[index], key)
+        jax.block_until_ready((state, metrics))
+        jax_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        bench.torch_train_step(module, optimizer, torch_batches[index], config)
+        _torch_sync(torch_device)
+        torch_times.append(time.perf_counter() - start)
+
+    jax_eval, torch_eval = [], []
+    images = args.eval_batches * args.batch_size
+    for _ in range(args.eval_repeats):
+        start = time.perf_counter()
+        total = None
+        for i in range(args.eval_batches):
+            metrics, _ = eval_step(state, jax_batches[i % len(jax_batches)], key)
+            total = metrics["sse"] if total is None else total + metrics["sse"]
+        float(total)
+        jax_eval.append(images / (time.perf_counter() - start))
+        start = time.perf_counter()
+        total = 0.0
+        for i in range(args.eval_batches):
+            total = total + bench.torch_eval_step(module, torch_batches[i % len(torch_batches)], config)
+        float(total)
+        torch_eval.append(images / (time.perf_counter() - start))
+
+    jax_ms, torch_ms = _summary(jax_times), _summary(torch_times)
+    jax_ips, torch_ips = statistics.median(jax_eval), statistics.median(torch_eval)
+    return {
+        "model": name,
+        "device": f"{jax_device.platform}:{jax_device.device_kind}",
+        "torch_device": str(torch_device),
+        "batch_size": args.batch_size, "ngf": config.ngf, "nz": config.nz, "dataset_shape": list(args.shape),
+        "jax_ms": jax_ms["median"], "torch_ms": torch_ms["median"],
+        "speedup": torch_ms["median"] / jax_ms["median"],
+        "jax_ms_spread": jax_ms, "torch_ms_spread": torch_ms,
+        "jax_compile_s": jax_first, "jax_eval_compile_s": jax_eval_first, "torch_first_step_s": torch_first,
+        "jax_eval_images_per_s": jax_ips, "torch_eval_images_per_s": torch_ips,
+        "eval_speedup": jax_ips / torch_ips,
+    }
+
+
+def environment() -> dict:
+    return {
+        "python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+                     "optax": optax.__version__,
+                     "torch": torch.__version__, "numpy": np.__version__},
+        "threads": {"jax_cpu": os.cpu_count(), "torch": torch.get_num_threads()},
+        "float32_matmul_precision": {"jax": str(jax.config.jax_default_matmul_precision or "default"),
+                                     "torch": torch.get_float32_matmul_precision()},
+    }
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        h, w, c = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxWxC such as 32x32x1, got {text!r}") from None
+    if (h, w) != (32, 32) or c < 1:
+        raise argparse.ArgumentTypeError(f"the conv models read 32x32xC images, got {text!r}")
+    return h, w, c
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.step_time", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=[*BENCHMARKS, "all"], default="gon")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--ngf", type=int, default=16)
+    parser.add_argument("--nz", type=int, default=256)
+    parser.add_argument("--dataset-shape", dest="shape", type=_shape, default=(32, 32, 1))
+    parser.add_argument("--steps", type=int, default=30, help="timed training steps per framework")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--distinct-batches", type=int, default=4)
+    parser.add_argument("--eval-batches", type=int, default=20)
+    parser.add_argument("--eval-repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    if args.steps < 2 or args.batch_size < 2:
+        parser.error("--steps and --batch-size must be at least 2")
+    if args.json is not None and args.json.exists():
+        parser.error(f"--json {args.json} exists; choose a new file (results are never overwritten)")
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    names = list(BENCHMARKS) if args.model == "all" else [args.model]
+    rows = [run_benchmark(name, args) for name in names]
+    env = environment()
+    print(f"{'model':<14}{'device':<18}{'jax ms':>10}{'(p25-p75)':>16}{'torch ms':>10}{'(p25-p75)':>16}"
+          f"{'speedup':>9}{'compile s':>11}{'eval img/s jax':>16}{'torch':>9}{'ratio':>7}")
+    for r in rows:
+        j, t = r["jax_ms_spread"], r["torch_ms_spread"]
+        j_range, t_range = f"{j['p25']:.1f}-{j['p75']:.1f}", f"{t['p25']:.1f}-{t['p75']:.1f}"
+        print(f"{r['model']:<14}{r['device']:<18}{r['jax_ms']:>10.2f}{j_range:>16}"
+              f"{r['torch_ms']:>10.2f}{t_range:>16}{r['speedup']:>9.2f}"
+              f"{r['jax_compile_s']:>11.2f}{r['jax_eval_images_per_s']:>16.0f}{r['torch_eval_images_per_s']:>9.0f}"
+              f"{r['eval_speedup']:>7.2f}")
+    print(f"jax {env['versions']['jax']} torch {env['versions']['torch']}, threads {env['threads']}, "
+          f"float32 matmul precision {env['float32_matmul_precision']}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""The step-time benchmark runs end to end and reports what it promises (speed itself is not asserted)."""
+import json
+
+import pytest
+
+from benchmarks import step_time
+
+
+def test_step_time_writes_table_and_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert step_time.main(["--model", "all", "--ngf", "4", "--nz", "8", "--batch-size", "8", "--steps", "3",
+                           "--warmup", "1", "--eval-batches", "2", "--eval-repeats", "1", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "gon_detached" in table and "speedup" in table
+    report = json.loads(out.read_text())
+    assert [r["model"] for r in report["results"]] == ["gon", "gon_detached"]
+    for row in report["results"]:
+        assert row["speedup"] == pytest.approx(row["torch_ms"] / row["jax_ms"])
+        assert row["jax_ms_spread"]["n"] == row["torch_ms_spread"]["n"] == 3
+        assert row["jax_compile_s"] > 0 and row["jax_eval_images_per_s"] > 0 and row["torch_eval_images_per_s"] > 0
+    env = report["environment"]
+    assert {"jax", "torch", "flax"} <= set(env["versions"]) and env["threads"]["torch"] >= 1
+    assert set(env["float32_matmul_precision"]) == {"jax", "torch"}
+
+
+def test_step_time_never_overwrites_results(tmp_path):
+    out = tmp_path / "bench.json"
+    out.write_text("earlier results")
+    with pytest.raises(SystemExit) as exit_info:
+        step_time.main(["--json", str(out)])
+    assert exit_info.value.code == 2 and out.read_text() == "earlier results"
