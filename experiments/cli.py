@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from gonjax.config import DATASETS, Config
+from gonjax.config import DATASETS, MODEL_EPOCHS, Config, default_lr
 from gonjax.errors import GonjaxError
 from gonjax.models import ACTIVATIONS
 
@@ -21,19 +21,27 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser(prog: str, description: str, defaults: Config) -> argparse.ArgumentParser:
+def build_parser(prog: str, description: str, model: str) -> argparse.ArgumentParser:
+    """Flags common to every model, and those of its family (origin-step options, KL options)."""
+    defaults = Config(model=model, epochs=MODEL_EPOCHS[model])
     parser = OneLineParser(prog=prog, description=description,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--dataset", choices=DATASETS, default=defaults.dataset)
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="Adam learning rate (default: 2e-4; 1e-3 for V-GON on COIL-20)")
     parser.add_argument("--nz", type=int, default=defaults.nz, help="latent size")
-    parser.add_argument("--ngf", type=int, default=defaults.ngf, help="decoder base width")
+    parser.add_argument("--ngf", type=int, default=defaults.ngf, help="base width of decoder (and encoder)")
     parser.add_argument("--activation", choices=sorted(ACTIVATIONS), default=defaults.activation)
-    parser.add_argument("--detach", action="store_true", help="detached GON: no gradient through the latent")
-    parser.add_argument("--latent-sigma", type=float, default=defaults.latent_sigma,
-                        help="start the latent at z0 ~ N(0, sigma^2) instead of the origin (ablation)")
+    if model == "gon":
+        parser.add_argument("--detach", action="store_true", help="detached GON: no gradient through the latent")
+        parser.add_argument("--latent-sigma", type=float, default=defaults.latent_sigma,
+                            help="start the latent at z0 ~ N(0, sigma^2) instead of the origin (ablation)")
+    if model in ("vgon", "vae"):
+        parser.add_argument("--kl-weight", type=float, default=defaults.kl_weight, help="weight of the KLD")
+        parser.add_argument("--kl-warmup-steps", type=int, default=defaults.kl_warmup_steps,
+                            help="ramp the KL weight linearly from 0 over this many steps (0: no warm-up)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--max-steps", type=int, default=None,
                         help="stop after this many training steps, then evaluate (smoke runs)")
@@ -49,7 +57,10 @@ def build_parser(prog: str, description: str, defaults: Config) -> argparse.Argu
 
 def config_from_args(args: argparse.Namespace, model: str) -> Config:
     names = {f.name for f in dataclasses.fields(Config)}
-    return Config(model=model, **{k: v for k, v in vars(args).items() if k in names})
+    values = {k: v for k, v in vars(args).items() if k in names}
+    if values.get("lr") is None:
+        values["lr"] = default_lr(model, args.dataset)
+    return Config(model=model, **values)
 
 
 def default_workdir(config: Config) -> Path:
@@ -63,21 +74,30 @@ def default_workdir(config: Config) -> Path:
     return path
 
 
-def run(model: str, description: str, argv: Sequence[str] | None,
-        train: Callable[[Config, Path], object]) -> int:
-    """Parse flags, run `train(config, workdir)`, turn user errors into one line on stderr and exit 1."""
-    prog = f"python -m experiments.{model}"
+def report_errors(prog: str, action: Callable[[], object]) -> int:
+    """Run `action`; a user error becomes one line on stderr and exit code 1, Ctrl-C exit code 130."""
     logging.getLogger("absl").setLevel(logging.ERROR)  # TFDS's informational warnings; errors still show
-    args = build_parser(prog, description, Config(model=model)).parse_args(argv)
     try:
-        config = config_from_args(args, model).validate()
-        workdir = Path(args.workdir) if args.workdir else default_workdir(config)
-        print(f"{prog}: writing to {workdir}", flush=True)
-        train(config, workdir)
+        action()
     except GonjaxError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; rerun the same command with --workdir to resume", file=sys.stderr)
+        print(f"{prog}: interrupted (a training run resumes when rerun with the same --workdir)", file=sys.stderr)
         return 130
     return 0
+
+
+def run(model: str, description: str, argv: Sequence[str] | None,
+        train: Callable[[Config, Path], object]) -> int:
+    """Parse flags and run `train(config, workdir)` for `model`."""
+    prog = f"python -m experiments.{model}"
+    args = build_parser(prog, description, model).parse_args(argv)
+
+    def start():
+        config = config_from_args(args, model).validate()
+        workdir = Path(args.workdir) if args.workdir else default_workdir(config)
+        print(f"{prog}: writing to {workdir}", flush=True)
+        train(config, workdir)
+
+    return report_errors(prog, start)

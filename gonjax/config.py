@@ -10,6 +10,14 @@ from gonjax.models import ACTIVATIONS
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "coil20")
 
+MODEL_EPOCHS = {"gon": 500, "ae": 500, "vgon": 1000, "vae": 1000}  # GON-SPEC 5
+
+
+def default_lr(model: str, dataset: str) -> float:
+    """J's learning rate for a model and dataset (GON-SPEC 5): 2e-4, but 1e-3 for V-GON on COIL-20."""
+    return 1e-3 if (model, dataset) == ("vgon", "coil20") else 2e-4
+
+
 # Fields that may change when a run is resumed; every other field must match the saved config.json.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "data_dir", "manual_dir", "keep_checkpoints"})
 
@@ -28,6 +36,8 @@ class Config:
     activation: str = "elu"
     detach: bool = False  # GON-SPEC 4.2
     latent_sigma: float = 0.0  # z0 ~ N(0, sigma^2), GON-SPEC 9
+    kl_weight: float = 1.0  # weight of the KLD in V-GON / VAE losses (GON-SPEC 4.3)
+    kl_warmup_steps: int = 0  # linear warm-up of the KL weight from 0 over this many steps
     seed: int = 0
     max_steps: int | None = None  # stop after this many training steps (then evaluate)
     data_dir: str | None = None  # TFDS data dir; None = TFDS's default
@@ -58,6 +68,8 @@ class Config:
             raise UsageError(f"--lr must be positive, got {self.lr}")
         if self.latent_sigma < 0:
             raise UsageError(f"--latent-sigma must be non-negative, got {self.latent_sigma}")
+        if self.kl_weight < 0 or self.kl_warmup_steps < 0:
+            raise UsageError("--kl-weight and --kl-warmup-steps must be non-negative")
         return self
 
     def to_json(self) -> str:

@@ -16,3 +16,17 @@ def pixel_sse_loss(reconstruction: jax.Array, target: jax.Array) -> jax.Array:
 def sse_per_image(reconstruction: jax.Array, target: jax.Array) -> jax.Array:
     """SSE/img of Tables 1 and 3 (GON-SPEC 7): sum over H, W, C of (x^ - x)^2, one value per image."""
     return jnp.sum(jnp.square(reconstruction - target), axis=tuple(range(1, target.ndim)))
+
+
+def bce_per_image(reconstruction: jax.Array, target: jax.Array, eps: float = 1e-10) -> jax.Array:
+    """Binary cross-entropy summed over H, W, C per image, with J's +1e-10 inside the logs (GON-SPEC 4.3, 10).
+
+    -[x log(x^ + eps) + (1 - x) log(1 - x^ + eps)]
+    """
+    terms = target * jnp.log(reconstruction + eps) + (1 - target) * jnp.log(1 - reconstruction + eps)
+    return -jnp.sum(terms, axis=tuple(range(1, target.ndim)))
+
+
+def kld_per_image(mu: jax.Array, logvar: jax.Array) -> jax.Array:
+    """KL(N(mu, exp(logvar)) || N(0, I)) per image: -0.5 sum_j (1 + logvar - mu^2 - exp(logvar)) (GON-SPEC 4.3)."""
+    return -0.5 * jnp.sum(1 + logvar - jnp.square(mu) - jnp.exp(logvar), axis=-1)

@@ -108,6 +108,119 @@ class ConvDecoder(nn.Module):
         return nn.sigmoid(x)
 
 
+def _torch_conv(features: int, in_features: int, stride: int, padding: int, name: str) -> nn.Conv:
+    """PyTorch `Conv2d(k=4, stride, padding)` as a flax layer, with PyTorch's init bound 1/sqrt(16 * Cin)."""
+    bound = 1.0 / (16 * in_features) ** 0.5
+    return nn.Conv(
+        features,
+        kernel_size=(4, 4),
+        strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        kernel_init=symmetric_uniform(bound),
+        bias_init=symmetric_uniform(bound),
+        name=name,
+    )
+
+
+def torch_dense(features: int, in_features: int, name: str) -> nn.Dense:
+    """PyTorch `Linear(in, out)`: weight and bias from U(-1/sqrt(in), 1/sqrt(in)) (GON-SPEC 2.5)."""
+    bound = 1.0 / in_features ** 0.5
+    return nn.Dense(features, kernel_init=symmetric_uniform(bound), bias_init=symmetric_uniform(bound), name=name)
+
+
+class ConvEncoder(nn.Module):
+    """The mirrored encoder of GON-SPEC 2.2: image (B, 32, 32, nc) -> (B, nz).
+
+    Conv(nc->ngf, 32->16) BN act | Conv(->2ngf, 16->8) BN act | Conv(->4ngf, 8->4) BN act | Conv(->nz, 4->1) act.
+    """
+
+    nz: int = 256
+    ngf: int = 16
+    activation: str = "elu"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        act = ACTIVATIONS[self.activation]
+        widths = (self.ngf, 2 * self.ngf, 4 * self.ngf)
+        for i, width in enumerate(widths):
+            x = _torch_conv(width, x.shape[-1], stride=2, padding=1, name=f"conv{i + 1}")(x)
+            x = act(BatchStatNorm(name=f"bn{i + 1}")(x))
+        x = act(_torch_conv(self.nz, x.shape[-1], stride=1, padding=0, name="conv4")(x))
+        return x.reshape(x.shape[0], -1)
+
+
+def reparameterise(mu: jax.Array, logvar: jax.Array, noise: jax.Array) -> jax.Array:
+    """z = mu + eps * exp(logvar / 2) with eps ~ N(0, I) given (GON-SPEC 2.2, 2.3)."""
+    return mu + noise * jnp.exp(0.5 * logvar)
+
+
+class GaussianHeads(nn.Module):
+    """Two Linear(nz, nz) heads: mu and logvar of a diagonal Gaussian (GON-SPEC 2.2, 2.3)."""
+
+    nz: int = 256
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return torch_dense(self.nz, h.shape[-1], "mu")(h), torch_dense(self.nz, h.shape[-1], "logvar")(h)
+
+
+class _LatentImageModel(nn.Module):
+    """Shared fields of the models built from the conv decoder; `decode` maps latents straight to images."""
+
+    nz: int = 256
+    ngf: int = 16
+    nc: int = 1
+    activation: str = "elu"
+
+    def _decoder(self) -> ConvDecoder:
+        return ConvDecoder(ngf=self.ngf, nc=self.nc, activation=self.activation)
+
+    def _encoder(self) -> ConvEncoder:
+        return ConvEncoder(nz=self.nz, ngf=self.ngf, activation=self.activation)
+
+    def decode(self, z: jax.Array) -> jax.Array:
+        return self.decoder(z)
+
+
+class VariationalGONFunction(_LatentImageModel):
+    """F of the Variational GON (GON-SPEC 2.3): z0 -> (Dec(mu + eps exp(logvar/2)), mu, logvar).
+
+    `decode` feeds a latent straight into the decoder, bypassing the heads (sampling, GON-SPEC 4.6).
+    """
+
+    def setup(self):
+        self.heads = GaussianHeads(self.nz)
+        self.decoder = self._decoder()
+
+    def __call__(self, z0: jax.Array, noise: jax.Array):
+        mu, logvar = self.heads(z0)
+        return self.decoder(reparameterise(mu, logvar, noise)), mu, logvar
+
+
+class ConvAutoencoder(_LatentImageModel):
+    """Conv AE baseline (GON-SPEC 2.2, 4.5): Dec(Enc(x))."""
+
+    def setup(self):
+        self.encoder = self._encoder()
+        self.decoder = self._decoder()
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.decoder(self.encoder(x))
+
+
+class ConvVAE(_LatentImageModel):
+    """VAE baseline (GON-SPEC 2.2, 4.5): x -> (Dec(mu + eps exp(logvar/2)), mu, logvar), heads on Enc(x)."""
+
+    def setup(self):
+        self.encoder = self._encoder()
+        self.heads = GaussianHeads(self.nz)
+        self.decoder = self._decoder()
+
+    def __call__(self, x: jax.Array, noise: jax.Array):
+        mu, logvar = self.heads(self.encoder(x))
+        return self.decoder(reparameterise(mu, logvar, noise)), mu, logvar
+
+
 def count_params(params) -> int:
     """Number of trainable scalars in a parameter pytree."""
     return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))

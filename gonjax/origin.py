@@ -42,6 +42,12 @@ def initial_latent(rng: jax.Array, shape: tuple[int, ...], sigma: float, dtype=j
     return sigma * jax.random.normal(rng, shape, dtype)
 
 
+def pass_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The independent keys of the inner and the outer pass of `origin_step`."""
+    rng_inner, rng_outer = jax.random.split(rng)
+    return rng_inner, rng_outer
+
+
 def origin_step(fit: Fit, params, state, batch, rng: jax.Array, z0: jax.Array, *,
                 detach: bool = False) -> tuple[jax.Array, OriginResult]:
     """Outer loss L(z) at the latent z = z0 - grad_z0 L(z0), and what produced it.
@@ -50,7 +56,7 @@ def origin_step(fit: Fit, params, state, batch, rng: jax.Array, z0: jax.Array, *
     `detach`. The state the inner pass returns is threaded into the outer pass, as two PyTorch forward passes
     would update BN running averages twice.
     """
-    rng_inner, rng_outer = jax.random.split(rng)
+    rng_inner, rng_outer = pass_keys(rng)
 
     def inner(z):
         return fit(params, state, z, batch, rng_inner)

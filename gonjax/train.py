@@ -5,6 +5,7 @@
   data.json        how the dataset was prepared (TFDS builder, version, split sizes, split seed)
   metrics.jsonl    one JSON object per evaluation (before training, after every epoch, at --max-steps)
   recon_<E>.png    first 64 test images beside their reconstructions after epoch E (recon_step<N>.png mid-epoch)
+  samples_<E>.png  64 images decoded from the prior, for models that have one (V-GON, VAE)
   curves.png       train/test SSE per image against epoch
   checkpoints/     orbax checkpoints of step, params, BN state and optimizer state, after every evaluation
 Rerunning on an unfinished workdir resumes from its latest checkpoint with the same data order and keys, so it
@@ -70,7 +71,7 @@ def make_train_step(model: Model, optimizer: optax.GradientTransformation):
     def train_step(state: TrainState, batch: jax.Array, rng: jax.Array):
         step_rng = jax.random.fold_in(rng, state.step)
         grad_fn = jax.value_and_grad(model.apply, has_aux=True)
-        (_, (batch_stats, output)), grads = grad_fn(state.params, state.batch_stats, batch, step_rng)
+        (_, (batch_stats, output)), grads = grad_fn(state.params, state.batch_stats, batch, step_rng, state.step)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
@@ -84,7 +85,7 @@ def make_eval_step(model: Model):
     (GON-SPEC 3); running averages are left as they are."""
 
     def eval_step(state: TrainState, batch: jax.Array, rng: jax.Array):
-        _, (_, output) = model.apply(state.params, state.batch_stats, batch, rng)
+        _, (_, output) = model.apply(state.params, state.batch_stats, batch, rng, state.step)
         return output.metrics, output.reconstruction
 
     return eval_step
@@ -168,6 +169,27 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
     return TrainState(**restored)
 
 
+def load_run(workdir) -> tuple[Config, Model, TrainState, dict]:
+    """The config, model, latest checkpointed state and data description of a run folder."""
+    path = Path(workdir)
+    if not (path / "config.json").is_file() or not (path / "data.json").is_file():
+        raise UsageError(f"{path} is not a gonjax run folder (no config.json / data.json)")
+    config = Config.load(path / "config.json")
+    data_info = json.loads((path / "data.json").read_text())
+    model = build_model(config, data_info["image_shape"][-1])
+    sample_batch = jnp.zeros((config.batch_size, *data_info["image_shape"]), jnp.float32)
+    state = create_train_state(model, make_optimizer(config), jax.random.PRNGKey(0), sample_batch)
+    checkpoints = (path / "checkpoints").absolute()
+    if not checkpoints.is_dir():
+        raise UsageError(f"{path} has no checkpoints yet; train it first")
+    manager = ocp.CheckpointManager(checkpoints, options=ocp.CheckpointManagerOptions(read_only=True))
+    if manager.latest_step() is None:
+        raise UsageError(f"{path} has no checkpoints yet; train it first")
+    state = _restore(manager, state)
+    manager.close()
+    return config, model, state, data_info
+
+
 def _epoch_label(step: int, steps_per_epoch: int) -> int | float:
     epoch = step / steps_per_epoch
     return int(epoch) if step % steps_per_epoch == 0 else round(epoch, 4)
@@ -196,10 +218,11 @@ def train_and_evaluate(config: Config, workdir) -> list[dict]:
 
     model = build_model(config, data.channels)
     optimizer = make_optimizer(config)
-    init_rng, train_rng, eval_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+    init_rng, train_rng, eval_rng, sample_rng = jax.random.split(jax.random.PRNGKey(config.seed), 4)
     state = create_train_state(model, optimizer, init_rng, jnp.asarray(data.train[:config.batch_size]))
     train_step = jax.jit(make_train_step(model, optimizer), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(model))
+    sample = jax.jit(model.sample, static_argnums=3) if model.sample else None
 
     manager = ocp.CheckpointManager(
         (run.path / "checkpoints").absolute(),
@@ -233,8 +256,12 @@ def train_and_evaluate(config: Config, workdir) -> list[dict]:
                                 "lower --lr or check the data")
         run.append_metrics(record)
         records.append(record)
-        name = f"recon_{record['epoch']}.png" if isinstance(record["epoch"], int) else f"recon_step{step}.png"
-        plots.save_reconstructions(run.path / name, *pictures, title=f"(epoch {record['epoch']})")
+        suffix = f"{record['epoch']}" if isinstance(record["epoch"], int) else f"step{step}"
+        plots.save_reconstructions(run.path / f"recon_{suffix}.png", *pictures, title=f"(epoch {record['epoch']})")
+        if sample is not None:
+            samples = sample(state.params, state.batch_stats, jax.random.fold_in(sample_rng, step), 64)
+            plots.save_grids(run.path / f"samples_{suffix}.png", [plots.image_grid(np.asarray(samples))],
+                             [f"samples from the prior (epoch {record['epoch']})"])
         plots.save_curves(run.path / "curves.png", records)
         manager.save(step, args=ocp.args.StandardSave(_state_dict(state)), force=True)
         print(f"epoch {record['epoch']} step {step}: train sse {record['train_sse']:.4f} "

@@ -3,7 +3,7 @@
 The trainer (`gonjax.train`) knows nothing else about a model, so every model trains, evaluates, checkpoints and
 draws pictures through the same loop. A model's `apply` is pure and returns
 
-    loss, (new_state, ModelOutput(reconstruction, metrics))
+    loss, (new_state, ModelOutput(reconstruction, metrics, latent))
 
 `metrics` are per-batch means of per-image quantities (the trainer averages them over equal-sized batches).
 """
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from gonjax import losses, origin
 from gonjax.config import Config
-from gonjax.models import ConvDecoder
+from gonjax.models import ConvAutoencoder, ConvDecoder, ConvVAE, VariationalGONFunction
 
 
 class ModelOutput(NamedTuple):
@@ -31,13 +31,15 @@ class ModelOutput(NamedTuple):
 class Model:
     """A trainable model as the trainer sees it.
 
-    init(rng, batch) -> {"params": ..., "batch_stats": ...}  (batch_stats may be {})
-    apply(params, state, batch, rng) -> (loss, (state, ModelOutput))
+    init(rng, batch) -> {"params": ..., "batch_stats": ...}
+    apply(params, batch_stats, batch, rng, step=0) -> (loss, (batch_stats, ModelOutput))
+    sample(params, batch_stats, rng, n) -> n images from the prior, or None for models without one
     """
 
     name: str
     init: Callable[[jax.Array, jax.Array], dict[str, Any]]
     apply: Callable[..., tuple[jax.Array, tuple[Any, ModelOutput]]]
+    sample: Callable[..., jax.Array] | None = None
     image_size: int = 32  # side of the square images the model reads and writes
 
 
@@ -49,6 +51,40 @@ def reconstruction_metrics(reconstruction: jax.Array, images: jax.Array) -> dict
     }
 
 
+def kl_weight(config: Config, step) -> jax.Array:
+    """Weight of the KLD at `step`: config.kl_weight, ramped linearly from 0 over config.kl_warmup_steps."""
+    if config.kl_warmup_steps == 0:
+        return jnp.asarray(config.kl_weight)
+    return config.kl_weight * jnp.minimum(1.0, step / config.kl_warmup_steps)
+
+
+def variational_loss(reconstruction, images, mu, logvar, weight):
+    """BCE + weight * KLD, each averaged over the batch (GON-SPEC 4.3), and the per-image metrics."""
+    bce = jnp.mean(losses.bce_per_image(reconstruction, images))
+    kld = jnp.mean(losses.kld_per_image(mu, logvar))
+    loss = bce + weight * kld
+    metrics = {"loss": loss, "bce": bce, "kld": kld, "bce_kld": bce + kld,
+               "sse": jnp.mean(losses.sse_per_image(reconstruction, images))}
+    return loss, metrics
+
+
+def _stateful_apply(module, params, batch_stats, *args, **kwargs):
+    """module.apply with BN running averages threaded: returns (output, new batch_stats)."""
+    out, updates = module.apply({"params": params, "batch_stats": batch_stats}, *args, mutable=["batch_stats"],
+                                **kwargs)
+    return out, updates["batch_stats"]
+
+
+def _prior_sampler(module):
+    """n images decoded from z ~ N(0, I), BN over the n samples (GON-SPEC 4.6)."""
+
+    def sample(params, batch_stats, rng, n):
+        z = jax.random.normal(rng, (n, module.nz))
+        return _stateful_apply(module, params, batch_stats, z, method=module.decode)[0]
+
+    return sample
+
+
 def gon(config: Config, nc: int) -> Model:
     """GON (GON-SPEC 4.1), detached GON (4.2) and the latent-init ablation (9), on the conv decoder."""
     decoder = ConvDecoder(ngf=config.ngf, nc=nc, activation=config.activation)
@@ -56,11 +92,10 @@ def gon(config: Config, nc: int) -> Model:
 
     def fit(params, batch_stats, z, images, rng):
         del rng  # the GON decoder is deterministic
-        reconstruction, updates = decoder.apply(
-            {"params": params, "batch_stats": batch_stats}, z, mutable=["batch_stats"])
-        return losses.pixel_sse_loss(reconstruction, images), (updates["batch_stats"], reconstruction)
+        reconstruction, batch_stats = _stateful_apply(decoder, params, batch_stats, z)
+        return losses.pixel_sse_loss(reconstruction, images), (batch_stats, reconstruction)
 
-    def apply(params, batch_stats, images, rng):
+    def apply(params, batch_stats, images, rng, step=0):
         rng_z0, rng_fit = jax.random.split(rng)
         z0 = origin.initial_latent(rng_z0, (images.shape[0], nz), sigma, images.dtype)
         loss, result = origin.origin_step(fit, params, batch_stats, images, rng_fit, z0, detach=detach)
@@ -74,7 +109,76 @@ def gon(config: Config, nc: int) -> Model:
     return Model(name=config.run_name, init=init, apply=apply)
 
 
-MODELS: dict[str, Callable[[Config, int], Model]] = {"gon": gon}
+def vgon_noise(rng: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+    """The eps of the inner and of the outer pass that `vgon(...).apply` draws from `rng` (independent draws)."""
+    _, rng_fit = jax.random.split(rng)
+    inner, outer = origin.pass_keys(rng_fit)
+    return jax.random.normal(inner, shape, dtype), jax.random.normal(outer, shape, dtype)
+
+
+def vgon(config: Config, nc: int) -> Model:
+    """Variational GON (GON-SPEC 2.3, 4.3): the origin step on BCE + KLD, fresh noise in each pass."""
+    function = VariationalGONFunction(nz=config.nz, ngf=config.ngf, nc=nc, activation=config.activation)
+    nz = config.nz
+
+    def apply(params, batch_stats, images, rng, step=0):
+        weight = kl_weight(config, step)
+
+        def fit(params, batch_stats, z, images, rng):
+            noise = jax.random.normal(rng, z.shape, z.dtype)
+            (reconstruction, mu, logvar), batch_stats = _stateful_apply(function, params, batch_stats, z, noise)
+            loss, metrics = variational_loss(reconstruction, images, mu, logvar, weight)
+            return loss, (batch_stats, (reconstruction, metrics))
+
+        _, rng_fit = jax.random.split(rng)
+        z0 = jnp.zeros((images.shape[0], nz), images.dtype)
+        loss, result = origin.origin_step(fit, params, batch_stats, images, rng_fit, z0)
+        reconstruction, metrics = result.output
+        metrics = {**metrics, "inner_loss": result.inner_loss}
+        return loss, (result.state, ModelOutput(reconstruction, metrics, result.latent))
+
+    def init(rng, images):
+        z0 = jnp.zeros((images.shape[0], nz), images.dtype)
+        return dict(function.init(rng, z0, z0))
+
+    return Model(name=config.run_name, init=init, apply=apply, sample=_prior_sampler(function))
+
+
+def ae(config: Config, nc: int) -> Model:
+    """Conv autoencoder baseline (GON-SPEC 2.2, 4.5): the GON loss on Dec(Enc(x))."""
+    module = ConvAutoencoder(nz=config.nz, ngf=config.ngf, nc=nc, activation=config.activation)
+
+    def apply(params, batch_stats, images, rng, step=0):
+        reconstruction, batch_stats = _stateful_apply(module, params, batch_stats, images)
+        metrics = reconstruction_metrics(reconstruction, images)
+        return metrics["loss"], (batch_stats, ModelOutput(reconstruction, metrics))
+
+    return Model(name=config.run_name, init=lambda rng, images: dict(module.init(rng, images)), apply=apply)
+
+
+def vae_noise(rng: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    """The eps that `vae(...).apply` draws from `rng`."""
+    return jax.random.normal(rng, shape, dtype)
+
+
+def vae(config: Config, nc: int) -> Model:
+    """VAE baseline (GON-SPEC 2.2, 4.5): BCE + KLD with the encoder's mu and logvar, eps drawn on every call."""
+    module = ConvVAE(nz=config.nz, ngf=config.ngf, nc=nc, activation=config.activation)
+    nz = config.nz
+
+    def apply(params, batch_stats, images, rng, step=0):
+        noise = vae_noise(rng, (images.shape[0], nz), images.dtype)
+        (reconstruction, mu, logvar), batch_stats = _stateful_apply(module, params, batch_stats, images, noise)
+        loss, metrics = variational_loss(reconstruction, images, mu, logvar, kl_weight(config, step))
+        return loss, (batch_stats, ModelOutput(reconstruction, metrics))
+
+    def init(rng, images):
+        return dict(module.init(rng, images, jnp.zeros((images.shape[0], nz), images.dtype)))
+
+    return Model(name=config.run_name, init=init, apply=apply, sample=_prior_sampler(module))
+
+
+MODELS: dict[str, Callable[[Config, int], Model]] = {"gon": gon, "vgon": vgon, "ae": ae, "vae": vae}
 
 
 def build_model(config: Config, nc: int) -> Model:

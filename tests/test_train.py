@@ -112,8 +112,8 @@ def test_non_finite_loss_stops_the_run_before_checkpointing(shared_data, tfds_di
     def exploding(config, nc):
         model = zoo.gon(config, nc)
 
-        def apply(params, state, batch, rng):
-            loss, aux = model.apply(params, state, batch, rng)
+        def apply(params, state, batch, rng, step=0):
+            loss, aux = model.apply(params, state, batch, rng, step)
             return loss * jnp.inf, aux
 
         return zoo.Model(model.name, model.init, apply)

@@ -1,0 +1,16 @@
+"""Train the conv autoencoder baseline (GON-SPEC 2.2, 4.5): the GON loss on Dec(Enc(x)).
+
+    python -m experiments.ae --dataset fashion_mnist --manual-dir ../shared/data --epochs 5
+"""
+import sys
+
+from experiments import cli
+from gonjax.train import train_and_evaluate
+
+
+def main(argv=None) -> int:
+    return cli.run("ae", __doc__.strip().splitlines()[0], argv, train_and_evaluate)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

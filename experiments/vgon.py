@@ -1,0 +1,16 @@
+"""Train a Variational GON (GON-SPEC 2.3, 4.3): origin step on BCE + KLD, samples from the prior every epoch.
+
+    python -m experiments.vgon --dataset fashion_mnist --manual-dir ../shared/data --epochs 5
+"""
+import sys
+
+from experiments import cli
+from gonjax.train import train_and_evaluate
+
+
+def main(argv=None) -> int:
+    return cli.run("vgon", __doc__.strip().splitlines()[0], argv, train_and_evaluate)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
