@@ -41,33 +41,63 @@ class Benchmark:
     """A model as both frameworks run it."""
 
     config: Callable[[argparse.Namespace], Config]
-    torch_model: Callable[[Config, int], torch.nn.Module]
-    torch_train_step: Callable  # (module, optimizer, images, config) -> None
-    torch_eval_step: Callable  # (module, images, config) -> per-batch mean SSE (tensor)
-    flax_variables: Callable[[torch.nn.Module], dict]
-
-
-def _gon_config(detach: bool):
-    return lambda args: Config(ngf=args.ngf, nz=args.nz, lr=2e-4, detach=detach)
-
-
-def _gon_eval(decoder, images, config):
-    _, _, _, reconstruction = tr.gon_forward(decoder, images, config.nz, train=False)
-    return ((reconstruction - images) ** 2).sum((1, 2, 3)).mean()
+    torch_model: Callable[..., torch.nn.Module]  # (nz=, ngf=, nc=) -> module
+    torch_train_step: Callable  # (module, optimizer, images, config) -> anything
+    torch_reconstruct: Callable  # (module, images, config) -> reconstruction, as in evaluation (no param grads)
 
 
 def _gon_benchmark(detach: bool) -> Benchmark:
+    def evaluate(decoder, images, config):
+        _, _, _, reconstruction = tr.gon_forward(decoder, images, config.nz, train=False)
+        return reconstruction
+
     return Benchmark(
-        config=_gon_config(detach),
-        torch_model=lambda config, nc: tr.ConvDecoder(nz=config.nz, ngf=config.ngf, nc=nc),
+        config=lambda args: Config(model="gon", ngf=args.ngf, nz=args.nz, detach=detach),
+        torch_model=tr.ConvDecoder,
         torch_train_step=lambda module, opt, images, config: tr.gon_train_step(module, opt, images, config.nz,
                                                                               config.detach),
-        torch_eval_step=_gon_eval,
-        flax_variables=tr.flax_variables,
+        torch_reconstruct=evaluate,
     )
 
 
-BENCHMARKS = {"gon": _gon_benchmark(False), "gon_detached": _gon_benchmark(True)}
+def _noise(images, config):
+    return torch.randn(images.shape[0], config.nz, dtype=images.dtype, device=images.device)
+
+
+def _vgon_evaluate(model, images, config):
+    return tr.vgon_forward(model, images, _noise(images, config), _noise(images, config), train=False)[3]
+
+
+def _vae_evaluate(model, images, config):
+    with torch.no_grad():
+        return model(images, _noise(images, config))[0]
+
+
+def _ae_evaluate(model, images, config):
+    with torch.no_grad():
+        return model(images)
+
+
+BENCHMARKS = {
+    "gon": _gon_benchmark(False),
+    "gon_detached": _gon_benchmark(True),
+    "vgon": Benchmark(
+        config=lambda args: Config(model="vgon", ngf=args.ngf, nz=args.nz),
+        torch_model=tr.VariationalGON,
+        torch_train_step=lambda m, opt, x, config: tr.vgon_train_step(m, opt, x, _noise(x, config),
+                                                                      _noise(x, config)),
+        torch_reconstruct=_vgon_evaluate),
+    "ae": Benchmark(
+        config=lambda args: Config(model="ae", ngf=args.ngf, nz=args.nz),
+        torch_model=tr.ConvAutoencoder,
+        torch_train_step=lambda m, opt, x, config: tr.ae_train_step(m, opt, x),
+        torch_reconstruct=_ae_evaluate),
+    "vae": Benchmark(
+        config=lambda args: Config(model="vae", ngf=args.ngf, nz=args.nz),
+        torch_model=tr.ConvVAE,
+        torch_train_step=lambda m, opt, x, config: tr.vae_train_step(m, opt, x, _noise(x, config)),
+        torch_reconstruct=_vae_evaluate),
+}
 
 
 def _summary(samples_s: list[float]) -> dict:
@@ -92,8 +122,8 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
     jax_device = jax.devices()[0]
     torch_device = torch.device("cuda" if jax_device.platform == "gpu" and torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    module = bench.torch_model(config, c).to(torch_device)
-    variables = bench.flax_variables(module)
+    module = bench.torch_model(nz=config.nz, ngf=config.ngf, nc=c).to(torch_device)
+    variables = tr.flax_variables(module)
     optimizer = tr.make_adam(module, config.lr)
     torch_batches = [tr.nhwc(b).to(torch_device) for b in batches]
 
@@ -151,7 +181,8 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         total = 0.0
         for i in range(args.eval_batches):
-            total = total + bench.torch_eval_step(module, torch_batches[i % len(torch_batches)], config)
+            x = torch_batches[i % len(torch_batches)]
+            total = total + ((bench.torch_reconstruct(module, x, config) - x) ** 2).sum((1, 2, 3)).mean()
         float(total)
         torch_eval.append(images / (time.perf_counter() - start))
 

@@ -35,9 +35,68 @@ class ConvDecoder(nn.Module):
         return self.net(z.reshape(z.shape[0], -1, 1, 1))
 
 
-# Flax module names of gonjax.models.ConvDecoder -> index in ConvDecoder.net
-DECONVS = {"deconv1": 0, "deconv2": 3, "deconv3": 6, "deconv4": 9}
-BATCH_NORMS = {"bn1": 1, "bn2": 4, "bn3": 7}
+class ConvEncoder(nn.Module):
+    """GON-SPEC 2.2: image (B, nc, 32, 32) -> (B, nz)."""
+
+    def __init__(self, nz: int = 256, ngf: int = 16, nc: int = 1, activation: str = "elu"):
+        super().__init__()
+        act = ACTIVATIONS[activation]
+        self.net = nn.Sequential(
+            nn.Conv2d(nc, ngf, 4, 2, 1), nn.BatchNorm2d(ngf), act(),
+            nn.Conv2d(ngf, 2 * ngf, 4, 2, 1), nn.BatchNorm2d(2 * ngf), act(),
+            nn.Conv2d(2 * ngf, 4 * ngf, 4, 2, 1), nn.BatchNorm2d(4 * ngf), act(),
+            nn.Conv2d(4 * ngf, nz, 4, 1, 0), act(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).flatten(1)
+
+
+def reparameterise(mu, logvar, eps):
+    return mu + eps * torch.exp(0.5 * logvar)
+
+
+class VariationalGON(nn.Module):
+    """GON-SPEC 2.3: z0 -> (Dec(mu + eps exp(logvar/2)), mu, logvar), eps given by the caller."""
+
+    def __init__(self, nz: int = 256, ngf: int = 16, nc: int = 1, activation: str = "elu"):
+        super().__init__()
+        self.nz = nz
+        self.fc_mu, self.fc_logvar = nn.Linear(nz, nz), nn.Linear(nz, nz)
+        self.decoder = ConvDecoder(nz, ngf, nc, activation)
+
+    def forward(self, z0, eps):
+        mu, logvar = self.fc_mu(z0), self.fc_logvar(z0)
+        return self.decoder(reparameterise(mu, logvar, eps)), mu, logvar
+
+
+class ConvAutoencoder(nn.Module):
+    """GON-SPEC 2.2: Dec(Enc(x))."""
+
+    def __init__(self, nz: int = 256, ngf: int = 16, nc: int = 1, activation: str = "elu"):
+        super().__init__()
+        self.nz = nz
+        self.encoder = ConvEncoder(nz, ngf, nc, activation)
+        self.decoder = ConvDecoder(nz, ngf, nc, activation)
+
+    def forward(self, x):
+        return self.decoder(self.encoder(x))
+
+
+class ConvVAE(nn.Module):
+    """GON-SPEC 2.2: x -> (Dec(mu + eps exp(logvar/2)), mu, logvar), heads on Enc(x), eps given by the caller."""
+
+    def __init__(self, nz: int = 256, ngf: int = 16, nc: int = 1, activation: str = "elu"):
+        super().__init__()
+        self.nz = nz
+        self.encoder = ConvEncoder(nz, ngf, nc, activation)
+        self.fc_mu, self.fc_logvar = nn.Linear(nz, nz), nn.Linear(nz, nz)
+        self.decoder = ConvDecoder(nz, ngf, nc, activation)
+
+    def forward(self, x, eps):
+        h = self.encoder(x)
+        mu, logvar = self.fc_mu(h), self.fc_logvar(h)
+        return self.decoder(reparameterise(mu, logvar, eps)), mu, logvar
 
 
 def gon_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -45,49 +104,98 @@ def gon_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor
     return ((reconstruction - images) ** 2).sum(1).mean()
 
 
+def bce_kld_loss(reconstruction, images, mu, logvar, kl_weight: float = 1.0):
+    """GON-SPEC 4.3: BCE (J's +1e-10 in the logs) + kl_weight * KLD, each summed per image, mean over batch."""
+    bce = -(images * torch.log(reconstruction + 1e-10)
+            + (1 - images) * torch.log(1 - reconstruction + 1e-10)).sum((1, 2, 3)).mean()
+    kld = (-0.5 * (1 + logvar - mu ** 2 - torch.exp(logvar)).sum(1)).mean()
+    return bce + kl_weight * kld
+
+
 @dataclasses.dataclass
-class GonStep:
-    latent: torch.Tensor
-    inner_loss: torch.Tensor
-    outer_loss: torch.Tensor
+class Step:
+    """What one training step produced; gradients stay in each parameter's `.grad`."""
+
+    loss: torch.Tensor
     reconstruction: torch.Tensor
-    grads: dict[str, torch.Tensor]  # parameter name -> gradient of the outer loss
+    latent: torch.Tensor | None = None
+    inner_loss: torch.Tensor | None = None
+
+
+def _origin(score, z0: torch.Tensor, train: bool, detach: bool = False):
+    """z = -d score(z0) / d z0 at z0 = 0, keeping the graph (create_graph=True) when training through it."""
+    inner = score(z0)
+    grad, = torch.autograd.grad(inner, [z0], create_graph=train and not detach)
+    latent = -grad
+    return (latent.detach() if detach or not train else latent), inner
+
+
+def _zeros_latent(images: torch.Tensor, nz: int) -> torch.Tensor:
+    return torch.zeros(images.shape[0], nz, dtype=images.dtype, device=images.device, requires_grad=True)
 
 
 def gon_forward(decoder: ConvDecoder, images: torch.Tensor, nz: int, detach: bool = False, train: bool = True):
     """The origin step of GON-SPEC 4.1 (4.2 with `detach`): latent, inner loss, outer loss, reconstruction.
 
-    With `train`, the graph through the latent is kept (create_graph=True) so the outer loss can be
-    back-propagated into the decoder; without, only the latent's own gradient is taken (evaluation).
+    With `train`, the graph through the latent is kept so the outer loss can be back-propagated into the
+    decoder; without, only the latent's own gradient is taken (evaluation).
     """
-    z0 = torch.zeros(images.shape[0], nz, dtype=images.dtype, device=images.device, requires_grad=True)
-    inner = gon_loss(decoder(z0), images)
-    grad, = torch.autograd.grad(inner, [z0], create_graph=train and not detach)
-    latent = -grad
-    if detach or not train:
-        latent = latent.detach()
-    if train:
+    latent, inner = _origin(lambda z: gon_loss(decoder(z), images), _zeros_latent(images, nz), train, detach)
+    with torch.set_grad_enabled(train):
         reconstruction = decoder(latent)
-    else:
-        with torch.no_grad():
-            reconstruction = decoder(latent)
     return latent, inner, gon_loss(reconstruction, images), reconstruction
 
 
-def gon_train_step(decoder: ConvDecoder, optimizer: torch.optim.Optimizer, images: torch.Tensor, nz: int,
-                   detach: bool = False) -> GonStep:
-    """One training step: origin step, backward through the latent, Adam step."""
-    latent, inner, outer, reconstruction = gon_forward(decoder, images, nz, detach)
+def _optimise(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
     optimizer.zero_grad(set_to_none=True)
-    outer.backward()
-    grads = {name: p.grad.detach().clone() for name, p in decoder.named_parameters()}
+    loss.backward()
     optimizer.step()
-    return GonStep(latent.detach(), inner.detach(), outer.detach(), reconstruction.detach(), grads)
 
 
-def make_adam(decoder: nn.Module, lr: float) -> torch.optim.Adam:
+def gon_train_step(decoder: ConvDecoder, optimizer, images, nz: int, detach: bool = False) -> Step:
+    """One GON training step: origin step, backward through the latent, Adam step."""
+    latent, inner, outer, reconstruction = gon_forward(decoder, images, nz, detach)
+    _optimise(optimizer, outer)
+    return Step(outer.detach(), reconstruction.detach(), latent.detach(), inner.detach())
+
+
+def vgon_forward(model: VariationalGON, images, eps_inner, eps_outer, kl_weight=1.0, train: bool = True):
+    """The V-GON origin step (GON-SPEC 4.3): eps_inner in the inner pass, an independent eps_outer in the outer.
+    Returns latent, inner loss, outer loss, reconstruction."""
+
+    def score(z, eps):
+        reconstruction, mu, logvar = model(z, eps)
+        return bce_kld_loss(reconstruction, images, mu, logvar, kl_weight), reconstruction
+
+    latent, inner = _origin(lambda z: score(z, eps_inner)[0], _zeros_latent(images, model.nz), train)
+    with torch.set_grad_enabled(train):
+        outer, reconstruction = score(latent, eps_outer)
+    return latent, inner, outer, reconstruction
+
+
+def vgon_train_step(model: VariationalGON, optimizer, images, eps_inner, eps_outer, kl_weight=1.0) -> Step:
+    latent, inner, outer, reconstruction = vgon_forward(model, images, eps_inner, eps_outer, kl_weight)
+    _optimise(optimizer, outer)
+    return Step(outer.detach(), reconstruction.detach(), latent.detach(), inner.detach())
+
+
+def ae_train_step(model: ConvAutoencoder, optimizer, images) -> Step:
+    reconstruction = model(images)
+    loss = gon_loss(reconstruction, images)
+    _optimise(optimizer, loss)
+    return Step(loss.detach(), reconstruction.detach())
+
+
+def vae_train_step(model: ConvVAE, optimizer, images, eps, kl_weight=1.0) -> Step:
+    reconstruction, mu, logvar = model(images, eps)
+    loss = bce_kld_loss(reconstruction, images, mu, logvar, kl_weight)
+    _optimise(optimizer, loss)
+    return Step(loss.detach(), reconstruction.detach())
+
+
+def make_adam(module: nn.Module, lr: float) -> torch.optim.Adam:
     """GON-SPEC 5: Adam, betas (0.9, 0.999), eps 1e-8, no weight decay."""
-    return torch.optim.Adam(decoder.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    return torch.optim.Adam(module.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -100,34 +208,59 @@ def deconv_kernel_to_flax(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(weight.transpose(2, 3, 0, 1)[::-1, ::-1])
 
 
-def flax_variables(decoder: ConvDecoder) -> dict:
-    """{'params', 'batch_stats'} of gonjax's ConvDecoder holding the PyTorch decoder's weights and BN buffers."""
-    params, batch_stats = {}, {}
-    for name, index in DECONVS.items():
-        layer = decoder.net[index]
-        params[name] = {"kernel": deconv_kernel_to_flax(_numpy(layer.weight)), "bias": _numpy(layer.bias)}
-    for name, index in BATCH_NORMS.items():
-        layer = decoder.net[index]
-        params[name] = {"scale": _numpy(layer.weight), "bias": _numpy(layer.bias)}
-        batch_stats[name] = {"mean": _numpy(layer.running_mean), "var": _numpy(layer.running_var)}
-    return {"params": params, "batch_stats": batch_stats}
+# PyTorch layer index in `.net` -> gonjax layer name, per Sequential
+DECODER_LAYERS = {0: "deconv1", 1: "bn1", 3: "deconv2", 4: "bn2", 6: "deconv3", 7: "bn3", 9: "deconv4"}
+ENCODER_LAYERS = {0: "conv1", 1: "bn1", 3: "conv2", 4: "bn2", 6: "conv3", 7: "bn3", 9: "conv4"}
+BATCH_NORMS = {"bn1": 1, "bn2": 4, "bn3": 7}  # gonjax name -> index in either Sequential
 
 
-def flax_named(tensors: dict[str, torch.Tensor]) -> dict:
-    """Per-parameter tensors keyed by PyTorch names (e.g. gradients) in the Flax params layout."""
-    by_index = {str(i): name for name, i in {**DECONVS, **BATCH_NORMS}.items()}
-    out: dict = {}
-    for full_name, tensor in tensors.items():
-        _, index, kind = full_name.split(".")
-        flax_name = by_index[index]
-        array = _numpy(tensor)
-        if flax_name.startswith("deconv"):
-            key = "kernel" if kind == "weight" else "bias"
-            array = deconv_kernel_to_flax(array) if kind == "weight" else array
-        else:
-            key = "scale" if kind == "weight" else "bias"
-        out.setdefault(flax_name, {})[key] = array
-    return out
+def _layer(layer: nn.Module, tensor) -> tuple[dict, dict]:
+    """(params, batch_stats) of one layer in flax layout; `tensor(p)` picks what to read (weights or grads)."""
+    weight, bias = _numpy(tensor(layer.weight)), _numpy(tensor(layer.bias))
+    if isinstance(layer, nn.ConvTranspose2d):
+        return {"kernel": deconv_kernel_to_flax(weight), "bias": bias}, {}
+    if isinstance(layer, nn.Conv2d):  # (Cout, Cin, kh, kw) -> (kh, kw, Cin, Cout)
+        return {"kernel": np.ascontiguousarray(weight.transpose(2, 3, 1, 0)), "bias": bias}, {}
+    if isinstance(layer, nn.Linear):  # (out, in) -> (in, out)
+        return {"kernel": np.ascontiguousarray(weight.T), "bias": bias}, {}
+    if isinstance(layer, nn.BatchNorm2d):
+        return {"scale": weight, "bias": bias}, {"mean": _numpy(layer.running_mean), "var": _numpy(layer.running_var)}
+    raise TypeError(f"no flax layout for {type(layer).__name__}")
+
+
+def _tree(module: nn.Module, tensor) -> tuple[dict, dict]:
+    params, stats = {}, {}
+
+    def put(name, child):
+        p, s = _tree(child, tensor) if not isinstance(child, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear,
+                                                                 nn.BatchNorm2d)) else _layer(child, tensor)
+        params[name] = p
+        if s:
+            stats[name] = s
+
+    if isinstance(module, (ConvDecoder, ConvEncoder)):
+        names = DECODER_LAYERS if isinstance(module, ConvDecoder) else ENCODER_LAYERS
+        for index, name in names.items():
+            put(name, module.net[index])
+        return params, stats
+    if hasattr(module, "encoder"):
+        put("encoder", module.encoder)
+    if hasattr(module, "fc_mu"):
+        params["heads"] = {"mu": _layer(module.fc_mu, tensor)[0], "logvar": _layer(module.fc_logvar, tensor)[0]}
+    put("decoder", module.decoder)
+    return params, stats
+
+
+def flax_variables(module: nn.Module) -> dict:
+    """{'params', 'batch_stats'} of the matching gonjax module holding this PyTorch module's weights and BN
+    running statistics (copies)."""
+    params, stats = _tree(module, lambda p: p)
+    return {"params": params, "batch_stats": stats}
+
+
+def flax_grads(module: nn.Module) -> dict:
+    """The gradients left in the parameters' `.grad` by the last backward, in the flax params layout."""
+    return _tree(module, lambda p: p.grad)[0]
 
 
 def nhwc(images: np.ndarray) -> torch.Tensor:

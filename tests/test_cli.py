@@ -5,14 +5,15 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import REPO
 
 
-def _run(*args, cwd=REPO):
+def _run(*args, module="gon", cwd=REPO):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", "experiments.gon", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", f"experiments.{module}", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -77,3 +78,42 @@ def test_unwritable_workdir_is_a_one_line_error(tmp_path):
     result = _run("--dataset", "coil20", "--workdir", str(tmp_path / "file" / "run"))
     _assert_one_line_error(result, "cannot write to --workdir")
     assert (tmp_path / "file").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("model", ["vgon", "ae", "vae"])
+def test_baseline_and_variational_clis_on_coil20(model, shared_data, tfds_dir, tmp_path):
+    workdir = tmp_path / model
+    result = _run("--dataset", "coil20", "--manual-dir", str(shared_data), "--data-dir", str(tfds_dir),
+                  "--max-steps", "2", "--ngf", "4", "--nz", "8", "--workdir", str(workdir), module=model)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["model"] == model
+    assert config["epochs"] == (500 if model == "ae" else 1000)  # GON-SPEC 5
+    assert config["lr"] == (1e-3 if model == "vgon" else 2e-4)  # V-GON on COIL-20: 1e-3
+    record = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+    expected = {"train_sse", "test_sse", "train_loss", "test_loss"}
+    if model != "ae":
+        expected |= {"train_bce", "train_kld", "test_bce_kld"}
+    assert expected <= set(record)
+    assert (workdir / "samples_step2.png").exists() == (model != "ae")
+
+    out = tmp_path / "drawn.png"
+    kind = "reconstructions" if model == "ae" else "samples"
+    drawn = _run("--workdir", str(workdir), "--n", "16", "--out", str(out), "--kind", kind, module="sample")
+    assert drawn.returncode == 0, drawn.stderr[-3000:]
+    with Image.open(out) as picture:
+        assert picture.size[0] > 100
+    again = _run("--workdir", str(workdir), "--out", str(out), module="sample")
+    _assert_one_line_error(again, "exists")
+    if model == "ae":
+        _assert_one_line_error(_run("--workdir", str(workdir), "--kind", "samples", module="sample"),
+                               "no prior to sample from")
+
+
+def test_sample_on_a_folder_that_is_not_a_run(tmp_path):
+    _assert_one_line_error(_run("--workdir", str(tmp_path), module="sample"), "not a gonjax run folder")
+
+
+def test_flags_of_other_models_are_refused():
+    _assert_one_line_error(_run("--detach", module="vae"), "unrecognized arguments: --detach")
+    _assert_one_line_error(_run("--kl-weight", "2", module="gon"), "unrecognized arguments: --kl-weight")

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 import reference
-from gonjax.models import BatchStatNorm, ConvDecoder, count_params, symmetric_uniform
+from gonjax.config import Config
+from gonjax.models import BatchStatNorm, ConvDecoder, ConvEncoder, count_params, symmetric_uniform
+from gonjax.zoo import build_model
 
 
 @pytest.mark.parametrize("ngf, nz, nc, expected", [
@@ -18,6 +20,55 @@ from gonjax.models import BatchStatNorm, ConvDecoder, count_params, symmetric_un
 def test_decoder_parameter_counts_match_spec(ngf, nz, nc, expected):
     variables = jax.eval_shape(ConvDecoder(ngf=ngf, nc=nc).init, jax.random.PRNGKey(0), jnp.zeros((2, nz)))
     assert count_params(variables["params"]) == expected
+
+
+SPEC_COUNTS = {  # GON-SPEC 2.6, nc = 1: (ngf, nz) -> V-GON, Conv AE, VAE
+    (16, 256): (435_281, 607_649, 739_233),
+    (32, 256): (820_897, 1_378_881, 1_510_465),
+    (16, 512): (1_091_153, 1_132_193, 1_657_505),
+    (8, 256): (273_193, 283_473, 415_057),
+}
+
+
+@pytest.mark.parametrize("model", ["vgon", "ae", "vae"])
+@pytest.mark.parametrize("ngf, nz", list(SPEC_COUNTS))
+def test_model_parameter_counts_match_spec(model, ngf, nz):
+    expected = SPEC_COUNTS[(ngf, nz)][["vgon", "ae", "vae"].index(model)]
+    built = build_model(Config(model=model, ngf=ngf, nz=nz), nc=1)
+    variables = jax.eval_shape(built.init, jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 1)))
+    assert count_params(variables["params"]) == expected
+
+
+def test_p_default_vgon_parameter_count():
+    built = build_model(Config(model="vgon", ngf=32, nz=48), nc=1)
+    variables = jax.eval_shape(built.init, jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 1)))
+    assert count_params(variables["params"]) == 268_033
+
+
+def test_encoder_init_bounds_are_pytorch_defaults():
+    ngf, nz, nc = 8, 32, 3
+    params = ConvEncoder(nz=nz, ngf=ngf).init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, nc)))["params"]
+    for name, cin in [("conv1", nc), ("conv2", ngf), ("conv3", 2 * ngf), ("conv4", 4 * ngf)]:
+        bound = 1 / np.sqrt(16 * cin)
+        kernel = np.asarray(params[name]["kernel"])
+        assert kernel.shape[2] == cin and np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.9 * bound
+
+
+@pytest.mark.parametrize("model", ["vgon", "vae"])
+@pytest.mark.parametrize("nc", [1, 3])
+def test_prior_samples_bypass_the_heads(model, nc):
+    """GON-SPEC 4.6: z ~ N(0, I) straight into the decoder, BN over the samples; images in (0, 1)."""
+    built = build_model(Config(model=model, ngf=4, nz=8), nc=nc)
+    variables = built.init(jax.random.PRNGKey(0), jnp.zeros((4, 32, 32, nc)))
+    samples = built.sample(variables["params"], variables["batch_stats"], jax.random.PRNGKey(5), 10)
+    assert samples.shape == (10, 32, 32, nc)
+    assert float(samples.min()) > 0.0 and float(samples.max()) < 1.0
+    z = jax.random.normal(jax.random.PRNGKey(5), (10, 8))
+    decoder_vars = {"params": variables["params"]["decoder"], "batch_stats": variables["batch_stats"]["decoder"]}
+    expected, _ = ConvDecoder(ngf=4, nc=nc).apply(decoder_vars, z, mutable=["batch_stats"])
+    np.testing.assert_allclose(np.asarray(samples), np.asarray(expected), rtol=1e-6)
+    other = built.sample(variables["params"], variables["batch_stats"], jax.random.PRNGKey(6), 10)
+    assert not np.allclose(np.asarray(samples), np.asarray(other))
 
 
 @pytest.mark.parametrize("nc", [1, 3])

@@ -1,10 +1,12 @@
-"""gonjax against the PyTorch reference (benchmarks/torch_reference.py), from identical weights.
+"""gonjax against the PyTorch reference (benchmarks/torch_reference.py), from identical weights and noise.
 
-float64: one full training step agrees to relative error 1e-6 in the latent, both losses, every parameter
-gradient, the parameters after Adam and the BN running statistics (GON-SPEC 3: float32 cannot be compared
-bitwise at the origin). float32: 200 training steps on the same Fashion-MNIST batches give the same loss curve
+float64: one full training step of every model (GON, detached GON, V-GON, Conv AE, VAE) agrees to relative
+error 1e-6 in the latent, both losses, the reconstruction, every parameter gradient, the parameters after Adam
+and the BN running statistics (GON-SPEC 3: float32 cannot be compared bitwise at the origin). float32: 200 training steps on the same Fashion-MNIST batches give the same loss curve
 within 1%.
 """
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,22 +33,21 @@ def tree_errors(actual, expected) -> dict[str, float]:
     return {jax.tree_util.keystr(path): relative_error(leaf, flat_e[path]) for path, leaf in flat_a}
 
 
-def _torch_decoder(seed, ngf, nz, nc=1):
-    """Default PyTorch init, then BN affine parameters moved off (1, 0).
+def _torch_model(model: str, config: Config, nc: int, seed: int) -> torch.nn.Module:
+    """The PyTorch model with its default init, then every BN's affine parameters moved off (1, 0).
 
-    With beta = 0 the BN outputs at the origin are 0 up to rounding noise, exactly on ELU's kink, where ELU''
-    jumps from 1 to 0: the sign of that ~1e-16 noise then picks the second-order term of the BN gradients, in
-    either framework. Any other beta keeps the step a smooth function of the weights.
+    With beta = 0 the GON's BN outputs at the origin are 0 up to rounding noise, exactly on ELU's kink, where
+    ELU'' jumps from 1 to 0: the sign of that ~1e-16 noise then picks the second-order term of the BN gradients,
+    in either framework. Any other beta keeps the step a smooth function of the weights.
     """
     torch.manual_seed(seed)
-    decoder = tr.ConvDecoder(nz=nz, ngf=ngf, nc=nc).double()
+    module = TORCH_MODELS[model](nz=config.nz, ngf=config.ngf, nc=nc).double()
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for index in tr.BATCH_NORMS.values():
-            bn = decoder.net[index]
+        for bn in (m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)):
             bn.weight.copy_(0.5 + torch.rand(bn.weight.shape, generator=generator, dtype=torch.float64))
             bn.bias.copy_(torch.rand(bn.bias.shape, generator=generator, dtype=torch.float64) - 0.5)
-    return decoder
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +55,30 @@ def fashion_batch(shared_data, tfds_dir):
     return input_pipeline.load_dataset("fashion_mnist", 32, tfds_dir, shared_data).train[:64].astype(np.float64)
 
 
-def _jax_step(config, variables, images):
-    """One gonjax training step in float64 from ported variables: (loss, output, grads, new state)."""
+TORCH_MODELS = {"gon": tr.ConvDecoder, "vgon": tr.VariationalGON, "ae": tr.ConvAutoencoder, "vae": tr.ConvVAE}
+
+
+def _torch_step(module, config, images, key):
+    """One PyTorch step, with the noise gonjax draws from `key` injected (GON-SPEC 4.3: V-GON's inner and outer
+    passes draw independently)."""
+    optimizer = tr.make_adam(module, config.lr)
+    x = tr.nhwc(images)
+    shape = (images.shape[0], config.nz)
+    if config.model == "gon":
+        return tr.gon_train_step(module, optimizer, x, config.nz, config.detach)
+    if config.model == "ae":
+        return tr.ae_train_step(module, optimizer, x)
+    with jax.enable_x64(True):
+        if config.model == "vgon":
+            inner, outer = (torch.from_numpy(np.array(e)) for e in zoo.vgon_noise(key, shape, jnp.float64))
+            return tr.vgon_train_step(module, optimizer, x, inner, outer, config.kl_weight)
+        eps = torch.from_numpy(np.array(zoo.vae_noise(key, shape, jnp.float64)))
+    return tr.vae_train_step(module, optimizer, x, eps, config.kl_weight)
+
+
+def _jax_step(config, variables, images, key):
+    """gonjax in float64 from ported variables: loss, output and gradients at `key`, and the state after one
+    training step (whose step key, fold_in(key, 0), is the same key)."""
     model = zoo.build_model(config, images.shape[-1])
     optimizer = train.make_optimizer(config)
     params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
@@ -64,47 +87,71 @@ def _jax_step(config, variables, images):
                              opt_state=optimizer.init(params))
     x = jnp.asarray(images)
     (loss, (_, output)), grads = jax.jit(jax.value_and_grad(model.apply, has_aux=True))(
-        params, batch_stats, x, jax.random.PRNGKey(0))
-    new_state, _ = jax.jit(train.make_train_step(model, optimizer))(state, x, jax.random.PRNGKey(0))
+        params, batch_stats, x, jax.random.fold_in(key, 0))
+    new_state, _ = jax.jit(train.make_train_step(model, optimizer))(state, x, key)
     return loss, output, grads, new_state
 
 
+# Biases of layers followed by BN: their gradient is exactly 0 (BN removes any per-channel constant).
+BIAS_BEFORE_BN = re.compile(r"\['(de)?conv[123]'\]\['bias'\]$")
+
+
 def _compare_one_step(config, images, seed=0, perturb=None):
-    """Run one step in both frameworks; return {quantity: relative error}."""
-    decoder = _torch_decoder(seed, config.ngf, config.nz, images.shape[-1])
-    variables = tr.flax_variables(decoder)
+    """Run one step in both frameworks from the same weights; return {quantity: relative error}."""
+    module = _torch_model(config.model, config, images.shape[-1], seed)
+    variables = tr.flax_variables(module)
     if perturb is not None:
         perturb(variables)
-    torch_step = tr.gon_train_step(decoder, tr.make_adam(decoder, config.lr), tr.nhwc(images), config.nz,
-                                   config.detach)
-    after = tr.flax_variables(decoder)
+    key = jax.random.PRNGKey(seed)
+    torch_step = _torch_step(module, config, images, jax.random.fold_in(key, 0))
+    after = tr.flax_variables(module)
+    torch_grads = dict(jax.tree_util.tree_flatten_with_path(tr.flax_grads(module))[0])
     with jax.enable_x64(True):
-        loss, output, grads, new_state = _jax_step(config, variables, images)
-        assert output.latent.dtype == jnp.float64
-        torch_grads = tr.flax_named(torch_step.grads)
+        loss, output, grads, new_state = _jax_step(config, variables, images, key)
+        assert output.reconstruction.dtype == jnp.float64
         errors = {
-            "latent": relative_error(output.latent, torch_step.latent.numpy()),
-            "inner_loss": relative_error(output.metrics["inner_loss"], torch_step.inner_loss.numpy()),
-            "outer_loss": relative_error(loss, torch_step.outer_loss.numpy()),
+            "loss": relative_error(loss, torch_step.loss.numpy()),
             "reconstruction": relative_error(output.reconstruction,
                                              torch_step.reconstruction.numpy().transpose(0, 2, 3, 1)),
         }
-        # A bias in front of a BN has gradient exactly 0 (BN removes any constant); both frameworks return
-        # rounding noise there, which must be tiny next to the other gradients. Compare all others leafwise.
-        scale = max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(torch_grads))
-        for name in ("deconv1", "deconv2", "deconv3"):
-            for side, g in (("jax", grads[name].pop("bias")), ("torch", torch_grads[name].pop("bias"))):
-                errors[f"grad {name} bias ({side}) / largest gradient"] = float(np.abs(np.asarray(g)).max()) / scale
-        errors.update({f"grad {k}": v for k, v in tree_errors(grads, torch_grads).items()})
+        if torch_step.latent is not None:
+            errors["latent"] = relative_error(output.latent, torch_step.latent.numpy())
+            errors["inner_loss"] = relative_error(output.metrics["inner_loss"], torch_step.inner_loss.numpy())
+        # Gradients leaf by leaf; those that are exactly 0 in exact arithmetic are rounding noise on both sides
+        # and must be tiny next to the largest gradient.
+        scale = max(float(np.abs(g).max()) for g in torch_grads.values())
+        for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
+            name = jax.tree_util.keystr(path)
+            if BIAS_BEFORE_BN.search(name):
+                for side, g in (("jax", leaf), ("torch", torch_grads[path])):
+                    errors[f"grad {name} ({side}) / largest gradient"] = float(np.abs(np.asarray(g)).max()) / scale
+            else:
+                errors[f"grad {name}"] = relative_error(leaf, torch_grads[path])
         errors.update({f"param {k}": v for k, v in tree_errors(new_state.params, after["params"]).items()})
         errors.update({f"bn {k}": v for k, v in tree_errors(new_state.batch_stats, after["batch_stats"]).items()})
     return errors
 
 
-@pytest.mark.parametrize("detach", [False, True], ids=["gon", "gon_detached"])
-def test_one_float64_training_step_matches_pytorch(fashion_batch, detach):
-    errors = _compare_one_step(Config(ngf=16, nz=256, detach=detach), fashion_batch)
-    assert len(errors) == 4 + 6 + 11 + 14 + 6  # outputs, zero gradients, gradients, parameters, BN stats
+CASES = {
+    "gon": Config(model="gon"),
+    "gon_detached": Config(model="gon", detach=True),
+    "vgon": Config(model="vgon"),
+    "vgon_kl_weight": Config(model="vgon", kl_weight=0.5),
+    "ae": Config(model="ae"),
+    "vae": Config(model="vae"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_one_float64_training_step_matches_pytorch(fashion_batch, case):
+    config = CASES[case]
+    errors = _compare_one_step(config, fashion_batch)
+    params = jax.eval_shape(zoo.build_model(config, 1).init, jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 1)))
+    leaves = len(jax.tree_util.tree_leaves(params["params"]))
+    zero_grads = 3 * (2 if config.model in ("ae", "vae") else 1)
+    outputs = 4 if config.model in ("gon", "vgon") else 2
+    bn_layers = 6 if config.model in ("ae", "vae") else 3
+    assert len(errors) == outputs + 2 * zero_grads + (leaves - zero_grads) + leaves + 2 * bn_layers
     bad = {k: v for k, v in errors.items() if not v <= TOL}
     assert not bad, bad
 
@@ -113,7 +160,7 @@ def test_parity_check_catches_one_perturbed_weight(fashion_batch):
     def perturb(variables):
         variables["params"]["deconv2"]["kernel"][1, 2, 3, 4] += 1e-3
 
-    errors = _compare_one_step(Config(ngf=16, nz=256), fashion_batch, perturb=perturb)
+    errors = _compare_one_step(Config(model="gon"), fashion_batch, perturb=perturb)
     failing = {k for k, v in errors.items() if v > TOL}
     assert {"latent", "reconstruction"} <= failing and len(failing) > 10, failing
 
@@ -134,7 +181,7 @@ def test_float32_loss_curves_agree_over_200_steps(shared_data, tfds_dir):
     decoder = tr.ConvDecoder(nz=256, ngf=16)
     variables = tr.flax_variables(decoder)
     optimizer = tr.make_adam(decoder, 2e-4)
-    torch_losses = [float(tr.gon_train_step(decoder, optimizer, tr.nhwc(b), 256).outer_loss) for b in batches]
+    torch_losses = [float(tr.gon_train_step(decoder, optimizer, tr.nhwc(b), 256).loss) for b in batches]
 
     config = Config(ngf=16, nz=256)
     model = zoo.build_model(config, 1)
