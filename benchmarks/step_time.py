@@ -129,11 +129,8 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
 
     model = zoo.build_model(config, c)
     jax_optimizer = train.make_optimizer(config)
-    params = jax.device_put(variables["params"])
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             batch_stats=jax.device_put(variables["batch_stats"]),
-                             opt_state=jax_optimizer.init(params))
     jax_batches = [jax.device_put(b) for b in batches]
+    state = train.create_train_state(model, jax_optimizer, jax.random.PRNGKey(0), jax_batches[0], variables)
     train_step = jax.jit(train.make_train_step(model, jax_optimizer), donate_argnums=0)
     eval_step = jax.jit(train.make_eval_step(model))
     key = jax.random.PRNGKey(0)

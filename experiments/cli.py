@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from gonjax.config import DATASETS, MODEL_EPOCHS, Config, default_lr
+from gonjax.config import DATASETS, Config, model_defaults
 from gonjax.errors import GonjaxError
 from gonjax.models import ACTIVATIONS
 
@@ -23,18 +23,24 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser(prog: str, description: str, model: str) -> argparse.ArgumentParser:
     """Flags common to every model, and those of its family (origin-step options, KL options)."""
-    defaults = Config(model=model, epochs=MODEL_EPOCHS[model])
+    defaults = Config(model=model)
     parser = OneLineParser(prog=prog, description=description,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--dataset", choices=DATASETS, default=defaults.dataset)
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--epochs", type=int, default=None, help="default: the spec's schedule for the model")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=None,
-                        help="Adam learning rate (default: 2e-4; 1e-3 for V-GON on COIL-20)")
-    parser.add_argument("--nz", type=int, default=defaults.nz, help="latent size")
-    parser.add_argument("--ngf", type=int, default=defaults.ngf, help="base width of decoder (and encoder)")
-    parser.add_argument("--activation", choices=sorted(ACTIVATIONS), default=defaults.activation)
-    if model == "gon":
+    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the spec's)")
+    parser.add_argument("--nz", type=int, default=None, help="latent size (default 256; Implicit GON 32)")
+    if model == "implicit_gon":
+        parser.add_argument("--lr-drop-epoch", type=int, default=None,
+                            help="from this epoch on, train at --lr-drop-to (COIL-20 default: 50)")
+        parser.add_argument("--lr-drop-to", type=float, default=None, help="(COIL-20 default: 5e-5)")
+        parser.add_argument("--loss-reduction", choices=["mean", "sum"], default=defaults.loss_reduction,
+                            help="per-pixel MSE (J) or sum over pixels, mean over batch (P)")
+    else:
+        parser.add_argument("--ngf", type=int, default=defaults.ngf, help="base width of decoder (and encoder)")
+        parser.add_argument("--activation", choices=sorted(ACTIVATIONS), default=defaults.activation)
+    if model in ("gon", "implicit_gon"):
         parser.add_argument("--detach", action="store_true", help="detached GON: no gradient through the latent")
         parser.add_argument("--latent-sigma", type=float, default=defaults.latent_sigma,
                             help="start the latent at z0 ~ N(0, sigma^2) instead of the origin (ablation)")
@@ -58,8 +64,12 @@ def build_parser(prog: str, description: str, model: str) -> argparse.ArgumentPa
 def config_from_args(args: argparse.Namespace, model: str) -> Config:
     names = {f.name for f in dataclasses.fields(Config)}
     values = {k: v for k, v in vars(args).items() if k in names}
-    if values.get("lr") is None:
-        values["lr"] = default_lr(model, args.dataset)
+    defaults = model_defaults(model, args.dataset)
+    if values.get("lr_drop_epoch") is None and values.get("lr_drop_to") is None and values.get("lr") is not None:
+        defaults.update(lr_drop_epoch=None, lr_drop_to=None)  # an explicit --lr alone means a constant rate
+    for name, value in defaults.items():
+        if values.get(name) is None:
+            values[name] = value
     return Config(model=model, **values)
 
 

@@ -30,3 +30,13 @@ def bce_per_image(reconstruction: jax.Array, target: jax.Array, eps: float = 1e-
 def kld_per_image(mu: jax.Array, logvar: jax.Array) -> jax.Array:
     """KL(N(mu, exp(logvar)) || N(0, I)) per image: -0.5 sum_j (1 + logvar - mu^2 - exp(logvar)) (GON-SPEC 4.3)."""
     return -0.5 * jnp.sum(1 + logvar - jnp.square(mu) - jnp.exp(logvar), axis=-1)
+
+
+def mse_per_image(reconstruction: jax.Array, target: jax.Array) -> jax.Array:
+    """Per-pixel mean squared error of each image (Table 2's metric, GON-SPEC 7), one value per image."""
+    return jnp.mean(jnp.square(reconstruction - target), axis=tuple(range(1, target.ndim)))
+
+
+def psnr(mse: jax.Array) -> jax.Array:
+    """Peak signal-to-noise ratio in dB of images in [0, 1]: 10 log10(1 / MSE)."""
+    return -10.0 * jnp.log10(mse)

@@ -40,25 +40,42 @@ LOG_EVERY = 50  # training steps between progress-bar updates and non-finite che
 
 
 class TrainState(flax.struct.PyTreeNode):
-    """Everything a training step reads and writes; checkpointed as a whole."""
+    """Everything a training step reads and writes; checkpointed as a whole.
+
+    `latent_bank` holds the latents of the model's last `latent_bank_batches` training batches (batch i of the
+    ring at rows i*B:(i+1)*B), which the Implicit GON samples from (GON-SPEC 4.6); empty for other models.
+    """
 
     step: jax.Array
     params: Any
     batch_stats: Any
     opt_state: Any
+    latent_bank: jax.Array
 
 
-def make_optimizer(config: Config) -> optax.GradientTransformation:
-    """Adam of GON-SPEC 5: betas (0.9, 0.999), eps 1e-8, no weight decay, no clipping."""
-    return optax.adam(config.lr, b1=0.9, b2=0.999, eps=1e-8)
+def make_optimizer(config: Config, steps_per_epoch: int = 1) -> optax.GradientTransformation:
+    """Adam of GON-SPEC 5: betas (0.9, 0.999), eps 1e-8, no weight decay, no clipping; the learning rate drops
+    to config.lr_drop_to at epoch config.lr_drop_epoch when one is set (Implicit GON on COIL-20)."""
+    lr = config.lr
+    if config.lr_drop_epoch is not None:
+        lr = optax.piecewise_constant_schedule(
+            config.lr, {config.lr_drop_epoch * steps_per_epoch: config.lr_drop_to / config.lr})
+    return optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)
 
 
 def create_train_state(model: Model, optimizer: optax.GradientTransformation, rng: jax.Array,
-                       sample_batch: jax.Array) -> TrainState:
-    variables = model.init(rng, sample_batch)
+                       sample_batch: jax.Array, variables: dict | None = None) -> TrainState:
+    """Step 0 with fresh Adam moments, from `model.init` or from given `variables` (e.g. ported weights)."""
+    if variables is None:
+        variables = model.init(rng, sample_batch)
+    variables = jax.tree_util.tree_map(jnp.asarray, variables)
     params = variables["params"]
+    _, (_, output) = jax.eval_shape(model.apply, params, variables.get("batch_stats", {}), sample_batch, rng)
+    bank_rows = model.latent_bank_batches * sample_batch.shape[0]
+    bank_shape = (bank_rows, *output.latent.shape[1:]) if bank_rows else (0,)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}), opt_state=optimizer.init(params))
+                      batch_stats=variables.get("batch_stats", {}), opt_state=optimizer.init(params),
+                      latent_bank=jnp.zeros(bank_shape, sample_batch.dtype))
 
 
 def make_train_step(model: Model, optimizer: optax.GradientTransformation):
@@ -74,7 +91,12 @@ def make_train_step(model: Model, optimizer: optax.GradientTransformation):
         (_, (batch_stats, output)), grads = grad_fn(state.params, state.batch_stats, batch, step_rng, state.step)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+        bank = state.latent_bank
+        if model.latent_bank_batches:
+            slot = (state.step % model.latent_bank_batches) * batch.shape[0]
+            bank = jax.lax.dynamic_update_slice_in_dim(bank, output.latent.astype(bank.dtype), slot, axis=0)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                                  latent_bank=bank)
         return new_state, output.metrics
 
     return train_step
@@ -159,14 +181,18 @@ class RunDir:
 
 
 def _state_dict(state: TrainState) -> dict:
-    return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
-            "opt_state": state.opt_state}
+    """What a checkpoint holds (orbax cannot save the empty latent bank of models that keep none)."""
+    saved = {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+             "opt_state": state.opt_state}
+    if state.latent_bank.size:
+        saved["latent_bank"] = state.latent_bank
+    return saved
 
 
 def _restore(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
     target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _state_dict(state))
     restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(target))
-    return TrainState(**restored)
+    return state.replace(**restored)
 
 
 def load_run(workdir) -> tuple[Config, Model, TrainState, dict]:
@@ -205,7 +231,8 @@ def train_and_evaluate(config: Config, workdir) -> list[dict]:
         raise UsageError(f"unknown model {config.model!r}; choose one of {', '.join(MODELS)}")
     run = RunDir(Path(workdir), config)
 
-    data = input_pipeline.load_dataset(config.dataset, image_size=32, data_dir=config.data_dir,
+    model = build_model(config, input_pipeline.CHANNELS[config.dataset])
+    data = input_pipeline.load_dataset(config.dataset, image_size=model.image_size, data_dir=config.data_dir,
                                        manual_dir=config.manual_dir)
     run.write_text("data.json", json.dumps(data.info, indent=2) + "\n")
     steps_per_epoch = input_pipeline.num_batches(len(data.train), config.batch_size)
@@ -216,8 +243,7 @@ def train_and_evaluate(config: Config, workdir) -> list[dict]:
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
 
-    model = build_model(config, data.channels)
-    optimizer = make_optimizer(config)
+    optimizer = make_optimizer(config, steps_per_epoch)
     init_rng, train_rng, eval_rng, sample_rng = jax.random.split(jax.random.PRNGKey(config.seed), 4)
     state = create_train_state(model, optimizer, init_rng, jnp.asarray(data.train[:config.batch_size]))
     train_step = jax.jit(make_train_step(model, optimizer), donate_argnums=0)
@@ -262,11 +288,12 @@ def train_and_evaluate(config: Config, workdir) -> list[dict]:
             samples = sample(state.params, state.batch_stats, jax.random.fold_in(sample_rng, step), 64)
             plots.save_grids(run.path / f"samples_{suffix}.png", [plots.image_grid(np.asarray(samples))],
                              [f"samples from the prior (epoch {record['epoch']})"])
-        plots.save_curves(run.path / "curves.png", records)
+        metric = model.table_metric
+        plots.save_curves(run.path / "curves.png", records, metric, "SSE / image" if metric == "sse" else "MSE")
         manager.save(step, args=ocp.args.StandardSave(_state_dict(state)), force=True)
-        print(f"epoch {record['epoch']} step {step}: train sse {record['train_sse']:.4f} "
-              f"test sse {record['test_sse']:.4f} loss {record['train_loss']:.6f}/{record['test_loss']:.6f} "
-              f"({record['eval_seconds']:.1f}s eval)", flush=True)
+        print(f"epoch {record['epoch']} step {step}: train {metric} {record[f'train_{metric}']:.6g} "
+              f"test {metric} {record[f'test_{metric}']:.6g} loss {record['train_loss']:.6g}/"
+              f"{record['test_loss']:.6g} ({record['eval_seconds']:.1f}s eval)", flush=True)
 
     if not records or records[-1]["step"] != step:
         evaluate_and_record()

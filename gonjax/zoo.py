@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from gonjax import losses, origin
 from gonjax.config import Config
-from gonjax.models import ConvAutoencoder, ConvDecoder, ConvVAE, VariationalGONFunction
+from gonjax.data.input_pipeline import NATIVE_SIZE
+from gonjax.models import ConvAutoencoder, ConvDecoder, ConvVAE, Siren, VariationalGONFunction, coordinate_grid
 
 
 class ModelOutput(NamedTuple):
@@ -34,13 +35,17 @@ class Model:
     init(rng, batch) -> {"params": ..., "batch_stats": ...}
     apply(params, batch_stats, batch, rng, step=0) -> (loss, (batch_stats, ModelOutput))
     sample(params, batch_stats, rng, n) -> n images from the prior, or None for models without one
+    render(params, latents, size) -> images at size x size, for models that are functions of coordinates
     """
 
     name: str
     init: Callable[[jax.Array, jax.Array], dict[str, Any]]
     apply: Callable[..., tuple[jax.Array, tuple[Any, ModelOutput]]]
     sample: Callable[..., jax.Array] | None = None
+    render: Callable[..., jax.Array] | None = None
     image_size: int = 32  # side of the square images the model reads and writes
+    table_metric: str = "sse"  # the metric the spec's tables report (curves.png, the log line)
+    latent_bank_batches: int = 0  # keep the latents of this many recent training batches in the TrainState
 
 
 def reconstruction_metrics(reconstruction: jax.Array, images: jax.Array) -> dict[str, jax.Array]:
@@ -178,7 +183,53 @@ def vae(config: Config, nc: int) -> Model:
     return Model(name=config.run_name, init=init, apply=apply, sample=_prior_sampler(module))
 
 
-MODELS: dict[str, Callable[[Config, int], Model]] = {"gon": gon, "vgon": vgon, "ae": ae, "vae": vae}
+def implicit_gon(config: Config, nc: int) -> Model:
+    """Implicit GON (GON-SPEC 2.4, 4.4): a SIREN of (coordinate, latent), latents from the origin step.
+
+    Images are read at their native size (28 for MNIST / Fashion-MNIST, 32 otherwise) as (B, S*S, nc) pixel
+    lists on the row-major coordinate grid. Loss: per-pixel MSE (J), or with loss_reduction="sum" the sum over
+    pixels and channels averaged over the batch (P). No BN: the state is {}. The latents of the last 100
+    training batches are kept for sampling (GON-SPEC 4.6).
+    """
+    size = NATIVE_SIZE[config.dataset]
+    siren = Siren(nc=nc)
+    coords = coordinate_grid(size)
+    nz, sigma = config.nz, config.latent_sigma
+
+    def pixel_loss(output, target):
+        squared = jnp.square(output - target)
+        return jnp.mean(squared) if config.loss_reduction == "mean" else jnp.mean(jnp.sum(squared, axis=(1, 2)))
+
+    def fit(params, state, z, pixels, rng):
+        output = siren.apply({"params": params}, coords.astype(z.dtype), z)
+        return pixel_loss(output, pixels), (state, output)
+
+    def apply(params, state, images, rng, step=0):
+        pixels = images.reshape(images.shape[0], -1, images.shape[-1])
+        rng_z0, rng_fit = jax.random.split(rng)
+        z0 = origin.initial_latent(rng_z0, (images.shape[0], nz), sigma, images.dtype)
+        loss, result = origin.origin_step(fit, params, state, pixels, rng_fit, z0, detach=config.detach)
+        reconstruction = result.output.reshape(images.shape)
+        mse = losses.mse_per_image(reconstruction, images)
+        metrics = {"loss": loss, "mse": jnp.mean(mse), "psnr": jnp.mean(losses.psnr(mse)),
+                   "sse": jnp.mean(losses.sse_per_image(reconstruction, images)), "inner_loss": result.inner_loss}
+        return loss, (result.state, ModelOutput(reconstruction, metrics, result.latent))
+
+    def render(params, latents, resolution):
+        """Decode latents on a resolution x resolution grid over the same [-1, 1]^2 (super-resolution)."""
+        grid = coordinate_grid(resolution, latents.dtype)
+        out = siren.apply({"params": params}, grid, latents)
+        return out.reshape(latents.shape[0], resolution, resolution, nc)
+
+    def init(rng, images):
+        return dict(siren.init(rng, coords, jnp.zeros((images.shape[0], nz), images.dtype)))
+
+    return Model(name=config.run_name, init=init, apply=apply, render=render, image_size=size,
+                 table_metric="mse", latent_bank_batches=100)
+
+
+MODELS: dict[str, Callable[[Config, int], Model]] = {
+    "gon": gon, "vgon": vgon, "ae": ae, "vae": vae, "implicit_gon": implicit_gon}
 
 
 def build_model(config: Config, nc: int) -> Model:

@@ -81,13 +81,10 @@ def _jax_step(config, variables, images, key):
     training step (whose step key, fold_in(key, 0), is the same key)."""
     model = zoo.build_model(config, images.shape[-1])
     optimizer = train.make_optimizer(config)
-    params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
-    batch_stats = jax.tree_util.tree_map(jnp.asarray, variables["batch_stats"])
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                             opt_state=optimizer.init(params))
     x = jnp.asarray(images)
+    state = train.create_train_state(model, optimizer, key, x, variables)
     (loss, (_, output)), grads = jax.jit(jax.value_and_grad(model.apply, has_aux=True))(
-        params, batch_stats, x, jax.random.fold_in(key, 0))
+        state.params, state.batch_stats, x, jax.random.fold_in(key, 0))
     new_state, _ = jax.jit(train.make_train_step(model, optimizer))(state, x, key)
     return loss, output, grads, new_state
 
@@ -186,10 +183,8 @@ def test_float32_loss_curves_agree_over_200_steps(shared_data, tfds_dir):
     config = Config(ngf=16, nz=256)
     model = zoo.build_model(config, 1)
     jax_optimizer = train.make_optimizer(config)
-    params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             batch_stats=jax.tree_util.tree_map(jnp.asarray, variables["batch_stats"]),
-                             opt_state=jax_optimizer.init(params))
+    state = train.create_train_state(model, jax_optimizer, jax.random.PRNGKey(0), jnp.asarray(batches[0]),
+                                     variables)
     step = jax.jit(train.make_train_step(model, jax_optimizer), donate_argnums=0)
     jax_losses = []
     for b in batches:
