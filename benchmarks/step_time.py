@@ -44,6 +44,7 @@ class Benchmark:
     torch_model: Callable[..., torch.nn.Module]  # (nz=, ngf=, nc=) -> module
     torch_train_step: Callable  # (module, optimizer, images, config) -> anything
     torch_reconstruct: Callable  # (module, images, config) -> reconstruction, as in evaluation (no param grads)
+    default_shape: tuple[int, int, int] = (32, 32, 1)  # HxWxC when --dataset-shape is not given
 
 
 def _gon_benchmark(detach: bool) -> Benchmark:
@@ -78,6 +79,18 @@ def _ae_evaluate(model, images, config):
         return model(images)
 
 
+def _implicit_evaluate(siren, images_nchw, config):
+    """Latent by the origin step (no graph kept), then one forward pass: the trainer's evaluation."""
+    images = images_nchw.permute(0, 2, 3, 1)
+    b, size, _, nc = images.shape
+    pixels = images.reshape(b, size * size, nc)
+    coords = tr.coordinate_grid(size, images.dtype).to(images.device)
+    z0 = torch.zeros(b, siren.nz, dtype=images.dtype, device=images.device, requires_grad=True)
+    grad, = torch.autograd.grad(((siren(coords, z0) - pixels) ** 2).mean(), [z0])
+    with torch.no_grad():
+        return siren(coords, -grad).reshape(b, size, size, nc).permute(0, 3, 1, 2)
+
+
 BENCHMARKS = {
     "gon": _gon_benchmark(False),
     "gon_detached": _gon_benchmark(True),
@@ -92,6 +105,14 @@ BENCHMARKS = {
         torch_model=tr.ConvAutoencoder,
         torch_train_step=lambda m, opt, x, config: tr.ae_train_step(m, opt, x),
         torch_reconstruct=_ae_evaluate),
+    "implicit_gon": Benchmark(
+        config=lambda args: Config(model="implicit_gon", nz=32,
+                                   dataset={28: "mnist", 32: "coil20" if args.shape[2] == 1 else "cifar10"}[
+                                       args.shape[0]]),
+        torch_model=lambda nz, ngf, nc: tr.Siren(nz=nz, nc=nc),
+        torch_train_step=lambda m, opt, x, config: tr.implicit_gon_train_step(m, opt, x.permute(0, 2, 3, 1)),
+        torch_reconstruct=_implicit_evaluate,
+        default_shape=(28, 28, 1)),
     "vae": Benchmark(
         config=lambda args: Config(model="vae", ngf=args.ngf, nz=args.nz),
         torch_model=tr.ConvVAE,
@@ -114,8 +135,13 @@ def _torch_sync(device: torch.device) -> None:
 
 def run_benchmark(name: str, args: argparse.Namespace) -> dict:
     bench = BENCHMARKS[name]
+    args = argparse.Namespace(**{**vars(args), "shape": args.shape or bench.default_shape})
     config = bench.config(args)
     h, w, c = args.shape
+    if name != "implicit_gon" and (h, w) != (32, 32):
+        raise SystemExit(f"the conv models read 32x32xC images, not {h}x{w}x{c}")
+    if name == "implicit_gon" and (h, w) not in ((28, 28), (32, 32)):
+        raise SystemExit(f"the Implicit GON benchmark reads 28x28 or 32x32 images, not {h}x{w}")
     rng = np.random.default_rng(0)
     batches = rng.uniform(size=(args.distinct_batches, args.batch_size, h, w, c)).astype(np.float32)
 
@@ -217,8 +243,8 @@ def _shape(text: str) -> tuple[int, int, int]:
         h, w, c = (int(x) for x in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected HxWxC such as 32x32x1, got {text!r}") from None
-    if (h, w) != (32, 32) or c < 1:
-        raise argparse.ArgumentTypeError(f"the conv models read 32x32xC images, got {text!r}")
+    if h != w or c < 1:
+        raise argparse.ArgumentTypeError(f"expected square images HxHxC, got {text!r}")
     return h, w, c
 
 
@@ -228,7 +254,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--ngf", type=int, default=16)
     parser.add_argument("--nz", type=int, default=256)
-    parser.add_argument("--dataset-shape", dest="shape", type=_shape, default=(32, 32, 1))
+    parser.add_argument("--dataset-shape", dest="shape", type=_shape, default=None,
+                        help="HxWxC (default 32x32x1; 28x28x1 for the Implicit GON)")
     parser.add_argument("--steps", type=int, default=30, help="timed training steps per framework")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--distinct-batches", type=int, default=4)

@@ -10,6 +10,7 @@ can start from the very same parameters.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import torch
@@ -99,6 +100,37 @@ class ConvVAE(nn.Module):
         return self.decoder(reparameterise(mu, logvar, eps)), mu, logvar
 
 
+class Siren(nn.Module):
+    """GON-SPEC 2.4: per pixel concat(coordinate, latent) (materialised, as P does) -> 4 sine layers -> nc."""
+
+    def __init__(self, nz: int = 32, hidden: int = 256, depth: int = 4, nc: int = 1, w0: float = 30.0):
+        super().__init__()
+        self.nz, self.w0 = nz, w0
+        self.hidden_layers = nn.ModuleList([nn.Linear(2 + nz, hidden)]
+                                           + [nn.Linear(hidden, hidden) for _ in range(depth - 1)])
+        self.out = nn.Linear(hidden, nc)
+        with torch.no_grad():  # GON-SPEC 2.5; biases keep PyTorch's default U(-1/sqrt(in), 1/sqrt(in))
+            self.hidden_layers[0].weight.uniform_(-1 / (2 + nz), 1 / (2 + nz))
+            for layer in [*self.hidden_layers[1:], self.out]:
+                bound = math.sqrt(6 / hidden) / w0
+                layer.weight.uniform_(-bound, bound)
+
+    def forward(self, coords: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """coords (P, 2), z (B, nz) -> (B, P, nc)."""
+        b, p = z.shape[0], coords.shape[0]
+        h = torch.cat([coords[None].expand(b, p, 2), z[:, None, :].expand(b, p, z.shape[1])], dim=-1)
+        for layer in self.hidden_layers:
+            h = torch.sin(self.w0 * layer(h))
+        return self.out(h)
+
+
+def coordinate_grid(size: int, dtype=torch.float64) -> torch.Tensor:
+    """(size*size, 2): linspace(-1, 1) per axis, meshgrid 'ij', row-major (coordinate 0 = row)."""
+    axis = torch.linspace(-1, 1, size, dtype=dtype)
+    rows, cols = torch.meshgrid(axis, axis, indexing="ij")
+    return torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=-1)
+
+
 def gon_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """GON-SPEC 4.1 in NCHW: squared error summed over channels, mean over batch and pixels."""
     return ((reconstruction - images) ** 2).sum(1).mean()
@@ -179,6 +211,25 @@ def vgon_train_step(model: VariationalGON, optimizer, images, eps_inner, eps_out
     return Step(outer.detach(), reconstruction.detach(), latent.detach(), inner.detach())
 
 
+def implicit_gon_train_step(siren: Siren, optimizer, images_nhwc: torch.Tensor, reduction: str = "mean") -> Step:
+    """One Implicit GON step (GON-SPEC 4.4) on NHWC images: per-pixel MSE ("mean", J) or the sum over pixels
+    averaged over the batch ("sum", P). The reconstruction comes back NCHW like the other models'."""
+    b, size, _, nc = images_nhwc.shape
+    pixels = images_nhwc.reshape(b, size * size, nc)
+    coords = coordinate_grid(size, images_nhwc.dtype).to(images_nhwc.device)
+
+    def loss(output):
+        squared = (output - pixels) ** 2
+        return squared.mean() if reduction == "mean" else squared.sum((1, 2)).mean()
+
+    latent, inner = _origin(lambda z: loss(siren(coords, z)), _zeros_latent(pixels, siren.nz), train=True)
+    output = siren(coords, latent)
+    outer = loss(output)
+    _optimise(optimizer, outer)
+    reconstruction = output.detach().reshape(b, size, size, nc).permute(0, 3, 1, 2)
+    return Step(outer.detach(), reconstruction, latent.detach(), inner.detach())
+
+
 def ae_train_step(model: ConvAutoencoder, optimizer, images) -> Step:
     reconstruction = model(images)
     loss = gon_loss(reconstruction, images)
@@ -238,6 +289,11 @@ def _tree(module: nn.Module, tensor) -> tuple[dict, dict]:
         if s:
             stats[name] = s
 
+    if isinstance(module, Siren):
+        for i, layer in enumerate(module.hidden_layers):
+            params[f"hidden{i + 1}"] = _layer(layer, tensor)[0]
+        params["out"] = _layer(module.out, tensor)[0]
+        return params, stats
     if isinstance(module, (ConvDecoder, ConvEncoder)):
         names = DECODER_LAYERS if isinstance(module, ConvDecoder) else ENCODER_LAYERS
         for index, name in names.items():

@@ -193,7 +193,6 @@ def implicit_gon(config: Config, nc: int) -> Model:
     """
     size = NATIVE_SIZE[config.dataset]
     siren = Siren(nc=nc)
-    coords = coordinate_grid(size)
     nz, sigma = config.nz, config.latent_sigma
 
     def pixel_loss(output, target):
@@ -201,7 +200,7 @@ def implicit_gon(config: Config, nc: int) -> Model:
         return jnp.mean(squared) if config.loss_reduction == "mean" else jnp.mean(jnp.sum(squared, axis=(1, 2)))
 
     def fit(params, state, z, pixels, rng):
-        output = siren.apply({"params": params}, coords.astype(z.dtype), z)
+        output = siren.apply({"params": params}, coordinate_grid(size, z.dtype), z)
         return pixel_loss(output, pixels), (state, output)
 
     def apply(params, state, images, rng, step=0):
@@ -222,7 +221,7 @@ def implicit_gon(config: Config, nc: int) -> Model:
         return out.reshape(latents.shape[0], resolution, resolution, nc)
 
     def init(rng, images):
-        return dict(siren.init(rng, coords, jnp.zeros((images.shape[0], nz), images.dtype)))
+        return dict(siren.init(rng, coordinate_grid(size), jnp.zeros((images.shape[0], nz), images.dtype)))
 
     return Model(name=config.run_name, init=init, apply=apply, render=render, image_size=size,
                  table_metric="mse", latent_bank_batches=100)

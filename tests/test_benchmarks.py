@@ -13,7 +13,7 @@ def test_step_time_writes_table_and_json(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "gon_detached" in table and "speedup" in table
     report = json.loads(out.read_text())
-    assert [r["model"] for r in report["results"]] == ["gon", "gon_detached", "vgon", "ae", "vae"]
+    assert [r["model"] for r in report["results"]] == ["gon", "gon_detached", "vgon", "ae", "implicit_gon", "vae"]
     for row in report["results"]:
         assert row["speedup"] == pytest.approx(row["torch_ms"] / row["jax_ms"])
         assert row["jax_ms_spread"]["n"] == row["torch_ms_spread"]["n"] == 3

@@ -117,3 +117,25 @@ def test_sample_on_a_folder_that_is_not_a_run(tmp_path):
 def test_flags_of_other_models_are_refused():
     _assert_one_line_error(_run("--detach", module="vae"), "unrecognized arguments: --detach")
     _assert_one_line_error(_run("--kl-weight", "2", module="gon"), "unrecognized arguments: --kl-weight")
+
+
+def test_implicit_gon_cli_and_render_on_coil20(shared_data, tfds_dir, tmp_path):
+    workdir = tmp_path / "implicit"
+    result = _run("--dataset", "coil20", "--manual-dir", str(shared_data), "--data-dir", str(tfds_dir),
+                  "--max-steps", "2", "--workdir", str(workdir), module="implicit_gon")
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((workdir / "config.json").read_text())
+    # COIL-20 schedule of GON-SPEC 5: 500 epochs, lr 1e-4 then 5e-5 from epoch 50; latent 32.
+    assert (config["epochs"], config["lr"], config["lr_drop_epoch"], config["lr_drop_to"], config["nz"]) == \
+        (500, 1e-4, 50, 5e-5, 32)
+    record = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"train_mse", "test_mse", "train_psnr", "test_psnr"} <= set(record)
+    assert json.loads((workdir / "data.json").read_text())["image_shape"] == [32, 32, 1]
+
+    rendered = _run("--workdir", str(workdir), "--resolution", "96", module="render")
+    assert rendered.returncode == 0, rendered.stderr[-3000:]
+    out = workdir / "render_96_seed0"
+    for name in ("superres.png", "slerp.png", "samples.png"):
+        with Image.open(out / name) as picture:
+            assert picture.size[0] > 200
+    _assert_one_line_error(_run("--workdir", str(workdir), "--resolution", "96", module="render"), "exists")

@@ -1,0 +1,16 @@
+"""Train an Implicit GON (GON-SPEC 2.4, 4.4): a SIREN space of images, latents from the origin step.
+
+    python -m experiments.implicit_gon --dataset coil20 --manual-dir ../shared/data
+"""
+import sys
+
+from experiments import cli
+from gonjax.train import train_and_evaluate
+
+
+def main(argv=None) -> int:
+    return cli.run("implicit_gon", __doc__.strip().splitlines()[0], argv, train_and_evaluate)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
