@@ -58,6 +58,9 @@ def build_parser(prog: str, description: str, model: str) -> argparse.ArgumentPa
                         help="folder of official dataset files (or of folders named after the datasets), "
                              "to prepare offline")
     parser.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints)
+    parser.add_argument("--eval-batches", type=int, default=None,
+                        help="evaluate on the first N batches of each split only (default: full passes, as the "
+                             "spec's tables; records then carry eval_batches)")
     return parser
 
 

@@ -55,6 +55,7 @@ class Config:
     data_dir: str | None = None  # TFDS data dir; None = TFDS's default
     manual_dir: str | None = None  # folder of official files, for offline preparation
     keep_checkpoints: int = 3
+    eval_batches: int | None = None  # evaluate on the first N batches of each split only (default: full passes)
 
     @property
     def run_name(self) -> str:
@@ -69,8 +70,9 @@ class Config:
             raise UsageError(f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "nz": self.nz, "ngf": self.ngf,
                     "keep_checkpoints": self.keep_checkpoints}
-        if self.max_steps is not None:
-            positive["max_steps"] = self.max_steps
+        for name in ("max_steps", "eval_batches"):
+            if getattr(self, name) is not None:
+                positive[name] = getattr(self, name)
         for name, value in positive.items():
             if value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

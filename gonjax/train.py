@@ -272,8 +272,12 @@ def train_and_evaluate(config: Config, workdir) -> list[dict]:
         record = {"epoch": _epoch_label(step, steps_per_epoch), "step": step}
         split_rngs = jax.random.split(jax.random.fold_in(eval_rng, step))
         for split, images, rng in (("train", data.train, split_rngs[0]), ("test", data.test, split_rngs[1])):
+            if config.eval_batches is not None:
+                images = images[:config.eval_batches * config.batch_size]
             means, pictures = evaluate(eval_step, state, images, config.batch_size, rng)
             record.update({f"{split}_{name}": value for name, value in means.items()})
+        if config.eval_batches is not None:
+            record["eval_batches"] = config.eval_batches  # partial passes: say so next to the numbers
         record["seconds"] = round(train_seconds, 3)
         record["eval_seconds"] = round(time.perf_counter() - eval_start, 3)
         bad = [k for k, v in record.items() if not math.isfinite(v)]

@@ -123,3 +123,10 @@ def test_non_finite_loss_stops_the_run_before_checkpointing(shared_data, tfds_di
         train.train_and_evaluate(_config(shared_data, tfds_dir, epochs=4), tmp_path / "run")
     steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [0]
+
+
+def test_partial_evaluation_is_recorded(shared_data, tfds_dir, tmp_path):
+    records = train.train_and_evaluate(_config(shared_data, tfds_dir, max_steps=1, eval_batches=2), tmp_path / "run")
+    assert all(r["eval_batches"] == 2 for r in records)
+    full = train.train_and_evaluate(_config(shared_data, tfds_dir, max_steps=1), tmp_path / "full")
+    assert "eval_batches" not in full[0] and full[0]["train_sse"] != records[0]["train_sse"]
