@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -87,9 +88,14 @@ def default_workdir(config: Config) -> Path:
     return path
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def report_errors(prog: str, action: Callable[[], object]) -> int:
     """Run `action`; a user error becomes one line on stderr and exit code 1, Ctrl-C exit code 130."""
     logging.getLogger("absl").setLevel(logging.ERROR)  # TFDS's informational warnings; errors still show
+    signal.signal(signal.SIGTERM, _interrupt)  # a killed job stops like Ctrl-C; checkpoints stay whole
     try:
         action()
     except GonjaxError as error:
