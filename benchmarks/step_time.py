@@ -34,6 +34,7 @@ import torch
 from benchmarks import torch_reference as tr
 from gonjax import train, zoo
 from gonjax.config import Config
+from gonjax.models import DECONV_IMPLS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,8 @@ def _gon_benchmark(detach: bool) -> Benchmark:
         return reconstruction
 
     return Benchmark(
-        config=lambda args: Config(model="gon", ngf=args.ngf, nz=args.nz, detach=detach),
+        config=lambda args: Config(model="gon", ngf=args.ngf, nz=args.nz, detach=detach,
+                                   deconv_impl=args.deconv_impl),
         torch_model=tr.ConvDecoder,
         torch_train_step=lambda module, opt, images, config: tr.gon_train_step(module, opt, images, config.nz,
                                                                               config.detach),
@@ -95,13 +97,13 @@ BENCHMARKS = {
     "gon": _gon_benchmark(False),
     "gon_detached": _gon_benchmark(True),
     "vgon": Benchmark(
-        config=lambda args: Config(model="vgon", ngf=args.ngf, nz=args.nz),
+        config=lambda args: Config(model="vgon", ngf=args.ngf, nz=args.nz, deconv_impl=args.deconv_impl),
         torch_model=tr.VariationalGON,
         torch_train_step=lambda m, opt, x, config: tr.vgon_train_step(m, opt, x, _noise(x, config),
                                                                       _noise(x, config)),
         torch_reconstruct=_vgon_evaluate),
     "ae": Benchmark(
-        config=lambda args: Config(model="ae", ngf=args.ngf, nz=args.nz),
+        config=lambda args: Config(model="ae", ngf=args.ngf, nz=args.nz, deconv_impl=args.deconv_impl),
         torch_model=tr.ConvAutoencoder,
         torch_train_step=lambda m, opt, x, config: tr.ae_train_step(m, opt, x),
         torch_reconstruct=_ae_evaluate),
@@ -114,7 +116,7 @@ BENCHMARKS = {
         torch_reconstruct=_implicit_evaluate,
         default_shape=(28, 28, 1)),
     "vae": Benchmark(
-        config=lambda args: Config(model="vae", ngf=args.ngf, nz=args.nz),
+        config=lambda args: Config(model="vae", ngf=args.ngf, nz=args.nz, deconv_impl=args.deconv_impl),
         torch_model=tr.ConvVAE,
         torch_train_step=lambda m, opt, x, config: tr.vae_train_step(m, opt, x, _noise(x, config)),
         torch_reconstruct=_vae_evaluate),
@@ -216,6 +218,7 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
         "device": f"{jax_device.platform}:{jax_device.device_kind}",
         "torch_device": str(torch_device),
         "batch_size": args.batch_size, "ngf": config.ngf, "nz": config.nz, "dataset_shape": list(args.shape),
+        "deconv_impl": config.deconv_impl if name != "implicit_gon" else None,
         "jax_ms": jax_ms["median"], "torch_ms": torch_ms["median"],
         "speedup": torch_ms["median"] / jax_ms["median"],
         "jax_ms_spread": jax_ms, "torch_ms_spread": torch_ms,
@@ -256,6 +259,8 @@ def main(argv=None) -> int:
     parser.add_argument("--nz", type=int, default=256)
     parser.add_argument("--dataset-shape", dest="shape", type=_shape, default=None,
                         help="HxWxC (default 32x32x1; 28x28x1 for the Implicit GON)")
+    parser.add_argument("--deconv-impl", choices=DECONV_IMPLS, default="subpixel",
+                        help="how gonjax computes the transposed convolutions (the same function either way)")
     parser.add_argument("--steps", type=int, default=30, help="timed training steps per framework")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--distinct-batches", type=int, default=4)

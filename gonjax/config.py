@@ -28,7 +28,8 @@ def model_defaults(model: str, dataset: str) -> dict:
 
 
 # Fields that may change when a run is resumed; every other field must match the saved config.json.
-RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "data_dir", "manual_dir", "keep_checkpoints"})
+RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "data_dir", "manual_dir", "keep_checkpoints",
+                               "deconv_impl"})  # deconv_impl: the same function computed another way
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,7 @@ class Config:
     data_dir: str | None = None  # TFDS data dir; None = TFDS's default
     manual_dir: str | None = None  # folder of official files, for offline preparation
     keep_checkpoints: int = 3
+    deconv_impl: str = "subpixel"  # computation of the transposed convolutions: "subpixel" or "dilated"
     eval_batches: int | None = None  # evaluate on the first N batches of each split only (default: full passes)
 
     @property
@@ -86,6 +88,8 @@ class Config:
             raise UsageError("--lr-drop-epoch and --lr-drop-to go together")
         if self.lr_drop_epoch is not None and (self.lr_drop_epoch < 0 or not self.lr_drop_to > 0):
             raise UsageError("--lr-drop-epoch must be non-negative and --lr-drop-to positive")
+        if self.deconv_impl not in ("subpixel", "dilated"):
+            raise UsageError(f"deconv_impl must be subpixel or dilated, got {self.deconv_impl!r}")
         if self.loss_reduction not in ("mean", "sum"):
             raise UsageError(f"--loss-reduction must be mean or sum, got {self.loss_reduction!r}")
         if self.kl_weight < 0 or self.kl_warmup_steps < 0:

@@ -64,23 +64,58 @@ class BatchStatNorm(nn.Module):
         return centred * jax.lax.rsqrt(var + self.epsilon) * scale + bias
 
 
-def _torch_conv_transpose(features: int, stride: int, padding: int, name: str) -> nn.ConvTranspose:
-    """PyTorch `ConvTranspose2d(k=4, stride, padding)` as a flax layer, with PyTorch's init.
+DECONV_IMPLS = ("subpixel", "dilated")
 
-    PyTorch pads the dilated input by k-1-p on each side; its default init bound is 1/sqrt(16 * Cout), as it
-    reads fan-in from dim 1 of its (Cin, Cout, kh, kw) weight (GON-SPEC 2.1, 2.5).
+# Stride-2, padding-1 transposed convolution by output phase: (phase a, input offset dy - 1, kernel row), where
+# output row 2i + a gathers input row i + dy - 1 through row `ky` of the flax kernel (the flipped PyTorch one).
+_PHASES = ((0, 0, 0), (0, 1, 2), (1, 1, 1), (1, 2, 3))
+
+
+def _subpixel_kernel(kernel: jax.Array) -> jax.Array:
+    """(4, 4, Cin, Cout) transposed-conv kernel -> (3, 3, Cin, 4*Cout) stride-1 kernel of its four phases."""
+    cin, cout = kernel.shape[2], kernel.shape[3]
+    phased = jnp.zeros((3, 3, cin, 2, 2, cout), kernel.dtype)
+    for a, dy, ky in _PHASES:
+        for b, dx, kx in _PHASES:
+            phased = phased.at[dy, dx, :, a, b, :].set(kernel[ky, kx])
+    return phased.reshape(3, 3, cin, 4 * cout)
+
+
+class TorchConvTranspose(nn.Module):
+    """PyTorch `ConvTranspose2d(k=4, stride, padding)` with PyTorch's init (GON-SPEC 2.1, 2.5).
+
+    Parameters are flax ConvTranspose's (`kernel` (4, 4, Cin, Cout) with transpose_kernel=False, `bias`; init
+    bound 1/sqrt(16 * Cout), as PyTorch reads fan-in from dim 1 of its (Cin, Cout, kh, kw) weight). The
+    computation is selectable, all formulations being the same function:
+    - "dilated": `lax.conv_transpose` (an lhs-dilated convolution; its backward is slow on XLA:CPU, jax#23783);
+    - "subpixel": the 1x1 -> 4x4 first layer as one matmul, and each stride-2 layer as one stride-1 3x3
+      convolution producing the four output phases (4*Cout channels) followed by depth-to-space.
     """
-    bound = 1.0 / (16 * features) ** 0.5
-    pad = 4 - 1 - padding
-    return nn.ConvTranspose(
-        features,
-        kernel_size=(4, 4),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        kernel_init=symmetric_uniform(bound),
-        bias_init=symmetric_uniform(bound),
-        name=name,
-    )
+
+    features: int
+    stride: int
+    padding: int
+    impl: str = "subpixel"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        bound = 1.0 / (16 * self.features) ** 0.5
+        kernel = self.param("kernel", symmetric_uniform(bound), (4, 4, x.shape[-1], self.features))
+        bias = self.param("bias", symmetric_uniform(bound), (self.features,))
+        dtype = jnp.promote_types(x.dtype, kernel.dtype)
+        x, kernel, bias = x.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
+        n, h, w, _ = x.shape
+        if self.impl == "subpixel" and (self.stride, self.padding, h, w) == (1, 0, 1, 1):
+            return jnp.einsum("nc,yxco->nyxo", x[:, 0, 0, :], kernel[::-1, ::-1]) + bias
+        if self.impl == "subpixel" and (self.stride, self.padding) == (2, 1):
+            y = jax.lax.conv_general_dilated(x, _subpixel_kernel(kernel), (1, 1), ((1, 1), (1, 1)),
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            y = y.reshape(n, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
+            return y.reshape(n, 2 * h, 2 * w, self.features) + bias
+        pad = 4 - 1 - self.padding
+        y = jax.lax.conv_transpose(x, kernel, (self.stride, self.stride), ((pad, pad), (pad, pad)),
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias
 
 
 class ConvDecoder(nn.Module):
@@ -93,6 +128,7 @@ class ConvDecoder(nn.Module):
     ngf: int = 16
     nc: int = 1
     activation: str = "elu"
+    deconv_impl: str = "subpixel"  # how the transposed convolutions are computed (TorchConvTranspose)
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
@@ -101,10 +137,10 @@ class ConvDecoder(nn.Module):
         widths = (4 * self.ngf, 2 * self.ngf, self.ngf)
         for i, width in enumerate(widths):
             first = i == 0
-            x = _torch_conv_transpose(width, stride=1 if first else 2, padding=0 if first else 1,
-                                      name=f"deconv{i + 1}")(x)
+            x = TorchConvTranspose(width, stride=1 if first else 2, padding=0 if first else 1,
+                                   impl=self.deconv_impl, name=f"deconv{i + 1}")(x)
             x = act(BatchStatNorm(name=f"bn{i + 1}")(x))
-        x = _torch_conv_transpose(self.nc, stride=2, padding=1, name="deconv4")(x)
+        x = TorchConvTranspose(self.nc, stride=2, padding=1, impl=self.deconv_impl, name="deconv4")(x)
         return nn.sigmoid(x)
 
 
@@ -171,9 +207,10 @@ class _LatentImageModel(nn.Module):
     ngf: int = 16
     nc: int = 1
     activation: str = "elu"
+    deconv_impl: str = "subpixel"
 
     def _decoder(self) -> ConvDecoder:
-        return ConvDecoder(ngf=self.ngf, nc=self.nc, activation=self.activation)
+        return ConvDecoder(ngf=self.ngf, nc=self.nc, activation=self.activation, deconv_impl=self.deconv_impl)
 
     def _encoder(self) -> ConvEncoder:
         return ConvEncoder(nz=self.nz, ngf=self.ngf, activation=self.activation)

@@ -92,7 +92,7 @@ def _prior_sampler(module):
 
 def gon(config: Config, nc: int) -> Model:
     """GON (GON-SPEC 4.1), detached GON (4.2) and the latent-init ablation (9), on the conv decoder."""
-    decoder = ConvDecoder(ngf=config.ngf, nc=nc, activation=config.activation)
+    decoder = ConvDecoder(ngf=config.ngf, nc=nc, activation=config.activation, deconv_impl=config.deconv_impl)
     nz, sigma, detach = config.nz, config.latent_sigma, config.detach
 
     def fit(params, batch_stats, z, images, rng):
@@ -123,7 +123,8 @@ def vgon_noise(rng: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> tup
 
 def vgon(config: Config, nc: int) -> Model:
     """Variational GON (GON-SPEC 2.3, 4.3): the origin step on BCE + KLD, fresh noise in each pass."""
-    function = VariationalGONFunction(nz=config.nz, ngf=config.ngf, nc=nc, activation=config.activation)
+    function = VariationalGONFunction(nz=config.nz, ngf=config.ngf, nc=nc, activation=config.activation,
+                        deconv_impl=config.deconv_impl)
     nz = config.nz
 
     def apply(params, batch_stats, images, rng, step=0):
@@ -151,7 +152,8 @@ def vgon(config: Config, nc: int) -> Model:
 
 def ae(config: Config, nc: int) -> Model:
     """Conv autoencoder baseline (GON-SPEC 2.2, 4.5): the GON loss on Dec(Enc(x))."""
-    module = ConvAutoencoder(nz=config.nz, ngf=config.ngf, nc=nc, activation=config.activation)
+    module = ConvAutoencoder(nz=config.nz, ngf=config.ngf, nc=nc, activation=config.activation,
+                        deconv_impl=config.deconv_impl)
 
     def apply(params, batch_stats, images, rng, step=0):
         reconstruction, batch_stats = _stateful_apply(module, params, batch_stats, images)
@@ -168,7 +170,8 @@ def vae_noise(rng: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.
 
 def vae(config: Config, nc: int) -> Model:
     """VAE baseline (GON-SPEC 2.2, 4.5): BCE + KLD with the encoder's mu and logvar, eps drawn on every call."""
-    module = ConvVAE(nz=config.nz, ngf=config.ngf, nc=nc, activation=config.activation)
+    module = ConvVAE(nz=config.nz, ngf=config.ngf, nc=nc, activation=config.activation,
+                        deconv_impl=config.deconv_impl)
     nz = config.nz
 
     def apply(params, batch_stats, images, rng, step=0):

@@ -107,9 +107,10 @@ def _f64(tree):
     return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), tree)
 
 
-def test_decoder_matches_numpy_float64_reference():
+@pytest.mark.parametrize("impl", ["subpixel", "dilated"])
+def test_decoder_matches_numpy_float64_reference(impl):
     with jax.enable_x64(True):
-        decoder = ConvDecoder(ngf=3, nc=2)
+        decoder = ConvDecoder(ngf=3, nc=2, deconv_impl=impl)
         z = np.random.default_rng(0).normal(size=(4, 5))
         variables = _f64(decoder.init(jax.random.PRNGKey(3), jnp.zeros((4, 5))))
         rng = np.random.default_rng(1)  # non-trivial BN affine parameters
