@@ -122,14 +122,14 @@ def test_flags_of_other_models_are_refused():
 def test_implicit_gon_cli_and_render_on_coil20(shared_data, tfds_dir, tmp_path):
     workdir = tmp_path / "implicit"
     result = _run("--dataset", "coil20", "--manual-dir", str(shared_data), "--data-dir", str(tfds_dir),
-                  "--max-steps", "2", "--workdir", str(workdir), module="implicit_gon")
+                  "--max-steps", "2", "--eval-batches", "2", "--workdir", str(workdir), module="implicit_gon")
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((workdir / "config.json").read_text())
     # COIL-20 schedule of GON-SPEC 5: 500 epochs, lr 1e-4 then 5e-5 from epoch 50; latent 32.
     assert (config["epochs"], config["lr"], config["lr_drop_epoch"], config["lr_drop_to"], config["nz"]) == \
         (500, 1e-4, 50, 5e-5, 32)
     record = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
-    assert {"train_mse", "test_mse", "train_psnr", "test_psnr"} <= set(record)
+    assert {"train_mse", "test_mse", "train_psnr", "test_psnr"} <= set(record) and record["eval_batches"] == 2
     assert json.loads((workdir / "data.json").read_text())["image_shape"] == [32, 32, 1]
 
     rendered = _run("--workdir", str(workdir), "--resolution", "96", module="render")
