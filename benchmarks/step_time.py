@@ -25,7 +25,6 @@ from pathlib import Path
 
 import flax
 import jax
-import jax.numpy as jnp
 import jaxlib
 import numpy as np
 import optax
