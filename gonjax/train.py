@@ -299,9 +299,6 @@ def train_and_evaluate(config: Config, workdir) -> list[dict]:
               f"test {metric} {record[f'test_{metric}']:.6g} loss {record['train_loss']:.6g}/"
               f"{record['test_loss']:.6g} ({record['eval_seconds']:.1f}s eval)", flush=True)
 
-    if not records or records[-1]["step"] != step:
-        evaluate_and_record()
-
     def check_finite(metrics) -> float:
         loss = float(metrics["loss"])
         if not math.isfinite(loss):
@@ -309,23 +306,28 @@ def train_and_evaluate(config: Config, workdir) -> list[dict]:
         return loss
 
     show_progress = sys.stderr.isatty()
-    while step < total_steps:
-        epoch, start = divmod(step, steps_per_epoch)
-        count = min(steps_per_epoch - start, total_steps - step)
-        batches = input_pipeline.prefetch_to_device(
-            input_pipeline.train_batches(data.train, config.batch_size, config.seed, epoch, start))
-        bar = tqdm(total=count, desc=f"epoch {epoch + 1}", disable=not show_progress, leave=False)
-        epoch_start = time.perf_counter()
-        for batch in islice(batches, count):
-            state, metrics = train_step(state, batch, train_rng)
-            step += 1
-            bar.update()
-            if step % LOG_EVERY == 0:
-                bar.set_postfix(loss=f"{check_finite(metrics):.5f}")
-        check_finite(metrics)  # also waits for the last step
-        train_seconds += time.perf_counter() - epoch_start
-        bar.close()
-        evaluate_and_record()
-    manager.wait_until_finished()
-    manager.close()
+    try:
+        if not records or records[-1]["step"] != step:
+            evaluate_and_record()
+        while step < total_steps:
+            epoch, start = divmod(step, steps_per_epoch)
+            count = min(steps_per_epoch - start, total_steps - step)
+            batches = input_pipeline.prefetch_to_device(
+                input_pipeline.train_batches(data.train, config.batch_size, config.seed, epoch, start))
+            bar = tqdm(total=count, desc=f"epoch {epoch + 1}", disable=not show_progress, leave=False)
+            epoch_start = time.perf_counter()
+            for batch in islice(batches, count):
+                state, metrics = train_step(state, batch, train_rng)
+                step += 1
+                bar.update()
+                if step % LOG_EVERY == 0:
+                    bar.set_postfix(loss=f"{check_finite(metrics):.5f}")
+            batches.close()  # stops the prefetch thread when the epoch ends early (--max-steps)
+            check_finite(metrics)  # also waits for the last step
+            train_seconds += time.perf_counter() - epoch_start
+            bar.close()
+            evaluate_and_record()
+    finally:  # also on errors and Ctrl-C: a checkpoint being written is finished, never left half-written
+        manager.wait_until_finished()
+        manager.close()
     return records

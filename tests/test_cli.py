@@ -1,6 +1,7 @@
 """The experiment CLI end to end, as a user runs it: artefacts, resume, and one-line errors."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -139,3 +140,25 @@ def test_implicit_gon_cli_and_render_on_coil20(shared_data, tfds_dir, tmp_path):
         with Image.open(out / name) as picture:
             assert picture.size[0] > 200
     _assert_one_line_error(_run("--workdir", str(workdir), "--resolution", "96", module="render"), "exists")
+
+
+def test_killed_run_stops_cleanly_and_resumes(shared_data, tfds_dir, tmp_path):
+    workdir = tmp_path / "run"
+    args = ["--dataset", "coil20", "--manual-dir", str(shared_data), "--data-dir", str(tfds_dir), "--epochs", "40",
+            "--ngf", "4", "--nz", "8", "--workdir", str(workdir)]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    process = subprocess.Popen([sys.executable, "-m", "experiments.gon", *args], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:  # wait until a few epochs are checkpointed, then kill it mid-run
+        if line.startswith("epoch 2 "):
+            break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert 2 <= len(records) < 41
+    resumed = _run(*args)  # the same command resumes from the last whole checkpoint
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from step" in resumed.stdout
+    final = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert final == [18 * e for e in range(41)]
