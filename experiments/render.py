@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         plots.save_grids(out / "superres.png",
                          [plots.image_grid(batch[:args.n], columns)]
                          + [plots.image_grid(render.clamp01(r), columns) for r in renders],
-                         ["test images"] + [f"{s}x{s}" for s in sizes], scale=max(1, 512 // (columns * size)))
+                         ["test images"] + [f"{s}x{s}" for s in sizes], scale=1)
         slerped = render.render(model, state.params, render.slerp_grid(latents).astype(np.float32), size)
         plots.save_grids(out / "slerp.png", [plots.image_grid(render.clamp01(slerped))],
                          ["slerp z_k -> z_(32+k) (columns), t = row / 7"])

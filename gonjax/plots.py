@@ -26,12 +26,13 @@ def image_grid(images: np.ndarray, columns: int = 8, pad: int = 1, pad_value: fl
 
 
 def save_grids(path: Path, grids: Sequence[np.ndarray], titles: Sequence[str], scale: int = 3) -> None:
-    """Save image grids side by side with a title over each, at `scale` screen pixels per image pixel."""
-    height = max(g.shape[0] for g in grids)
-    width = sum(g.shape[1] for g in grids)
-    dpi = 100
+    """Save image grids side by side, each in an equal panel with its title, the largest at `scale` screen pixels
+    per image pixel (smaller grids are drawn enlarged, without smoothing)."""
+    dpi = 100  # every panel is as large as the largest grid at `scale`, so that one shows pixel for pixel
+    panel_height = scale * max(g.shape[0] for g in grids) / dpi
+    panel_width = scale * max(g.shape[1] for g in grids) / dpi
     fig, axes = plt.subplots(1, len(grids), squeeze=False,
-                             figsize=(scale * width / dpi + 0.2 * len(grids), scale * height / dpi + 0.4), dpi=dpi)
+                             figsize=(len(grids) * (panel_width + 0.2), panel_height + 0.4), dpi=dpi)
     for ax, grid, title in zip(axes[0], grids, titles):
         if grid.shape[-1] == 1:
             ax.imshow(grid[:, :, 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
