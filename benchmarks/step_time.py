@@ -81,15 +81,7 @@ def _ae_evaluate(model, images, config):
 
 
 def _implicit_evaluate(siren, images_nchw, config):
-    """Latent by the origin step (no graph kept), then one forward pass: the trainer's evaluation."""
-    images = images_nchw.permute(0, 2, 3, 1)
-    b, size, _, nc = images.shape
-    pixels = images.reshape(b, size * size, nc)
-    coords = tr.coordinate_grid(size, images.dtype).to(images.device)
-    z0 = torch.zeros(b, siren.nz, dtype=images.dtype, device=images.device, requires_grad=True)
-    grad, = torch.autograd.grad(((siren(coords, z0) - pixels) ** 2).mean(), [z0])
-    with torch.no_grad():
-        return siren(coords, -grad).reshape(b, size, size, nc).permute(0, 3, 1, 2)
+    return tr.implicit_gon_forward(siren, images_nchw.permute(0, 2, 3, 1), train=False)[3]
 
 
 BENCHMARKS = {

@@ -211,9 +211,10 @@ def vgon_train_step(model: VariationalGON, optimizer, images, eps_inner, eps_out
     return Step(outer.detach(), reconstruction.detach(), latent.detach(), inner.detach())
 
 
-def implicit_gon_train_step(siren: Siren, optimizer, images_nhwc: torch.Tensor, reduction: str = "mean") -> Step:
-    """One Implicit GON step (GON-SPEC 4.4) on NHWC images: per-pixel MSE ("mean", J) or the sum over pixels
-    averaged over the batch ("sum", P). The reconstruction comes back NCHW like the other models'."""
+def implicit_gon_forward(siren: Siren, images_nhwc: torch.Tensor, reduction: str = "mean", train: bool = True):
+    """The Implicit GON origin step (GON-SPEC 4.4) on NHWC images: per-pixel MSE ("mean", J) or the sum over
+    pixels averaged over the batch ("sum", P). Returns latent, inner loss, outer loss and the reconstruction,
+    NCHW like the other models'."""
     b, size, _, nc = images_nhwc.shape
     pixels = images_nhwc.reshape(b, size * size, nc)
     coords = coordinate_grid(size, images_nhwc.dtype).to(images_nhwc.device)
@@ -222,12 +223,17 @@ def implicit_gon_train_step(siren: Siren, optimizer, images_nhwc: torch.Tensor, 
         squared = (output - pixels) ** 2
         return squared.mean() if reduction == "mean" else squared.sum((1, 2)).mean()
 
-    latent, inner = _origin(lambda z: loss(siren(coords, z)), _zeros_latent(pixels, siren.nz), train=True)
-    output = siren(coords, latent)
-    outer = loss(output)
+    latent, inner = _origin(lambda z: loss(siren(coords, z)), _zeros_latent(pixels, siren.nz), train)
+    with torch.set_grad_enabled(train):
+        output = siren(coords, latent)
+    reconstruction = output.reshape(b, size, size, nc).permute(0, 3, 1, 2)
+    return latent, inner, loss(output), reconstruction
+
+
+def implicit_gon_train_step(siren: Siren, optimizer, images_nhwc: torch.Tensor, reduction: str = "mean") -> Step:
+    latent, inner, outer, reconstruction = implicit_gon_forward(siren, images_nhwc, reduction)
     _optimise(optimizer, outer)
-    reconstruction = output.detach().reshape(b, size, size, nc).permute(0, 3, 1, 2)
-    return Step(outer.detach(), reconstruction, latent.detach(), inner.detach())
+    return Step(outer.detach(), reconstruction.detach(), latent.detach(), inner.detach())
 
 
 def ae_train_step(model: ConvAutoencoder, optimizer, images) -> Step:

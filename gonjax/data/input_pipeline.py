@@ -42,10 +42,6 @@ class Dataset:
     test: np.ndarray
     info: dict
 
-    @property
-    def channels(self) -> int:
-        return self.train.shape[-1]
-
 
 def find_manual_dir(name: str, manual_dir) -> Path:
     """The folder holding `name`'s official files: `manual_dir` itself or its subfolder named `name`."""
