@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from experiments.cli import OneLineParser, report_errors
-from gonjax import plots, render
+from gonjax import plots, render, xla
 from gonjax.data import input_pipeline
 from gonjax.errors import UsageError
 from gonjax.train import load_run
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         if len(data.test) < config.batch_size:
             raise UsageError(f"{config.dataset} has fewer test images than one batch")
         batch = data.test[:config.batch_size]  # latents as in evaluation: one batch of the run's batch size
-        _, (_, output) = jax.jit(model.apply)(state.params, state.batch_stats, batch, jax.random.PRNGKey(0))
+        _, (_, output) = xla.jit(model.apply)(state.params, state.batch_stats, batch, jax.random.PRNGKey(0))
         latents = np.asarray(output.latent)
         out.mkdir(parents=True)
 

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from experiments.cli import OneLineParser, report_errors
-from gonjax import plots
+from gonjax import plots, xla
 from gonjax.data import input_pipeline
 from gonjax.errors import UsageError
 from gonjax.train import load_run, make_eval_step
@@ -26,7 +26,7 @@ def reconstructions(config, model, state, n: int, seed: int):
     count = math.ceil(n / config.batch_size) * config.batch_size
     if count > len(data.test):
         raise UsageError(f"--n {n} needs {count} test images; {config.dataset} has {len(data.test)}")
-    eval_step = jax.jit(make_eval_step(model))
+    eval_step = xla.jit(make_eval_step(model))
     images, recons = [], []
     for index, batch in enumerate(input_pipeline.eval_batches(data.test[:count], config.batch_size)):
         _, reconstruction = eval_step(state, batch, jax.random.fold_in(jax.random.PRNGKey(seed), index))

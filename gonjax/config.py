@@ -29,7 +29,7 @@ def model_defaults(model: str, dataset: str) -> dict:
 
 # Fields that may change when a run is resumed; every other field must match the saved config.json.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "data_dir", "manual_dir", "keep_checkpoints",
-                               "deconv_impl"})  # deconv_impl: the same function computed another way
+                               "deconv_impl", "origin_shortcut"})  # the same function computed another way
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,7 @@ class Config:
     manual_dir: str | None = None  # folder of official files, for offline preparation
     keep_checkpoints: int = 3
     deconv_impl: str = "subpixel"  # computation of the transposed convolutions: "subpixel" or "dilated"
+    origin_shortcut: bool = True  # inner pass at z0 = 0 from one decoded example (gonjax.origin.origin_gradient)
     eval_batches: int | None = None  # evaluate on the first N batches of each split only (default: full passes)
 
     @property

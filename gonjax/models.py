@@ -10,6 +10,7 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "elu": nn.elu,
@@ -37,16 +38,26 @@ class BatchStatNorm(nn.Module):
     axis but the last. P and J run BN in training mode everywhere, so no running average is ever used to
     normalise. Running averages are still kept in `batch_stats` as PyTorch keeps them (momentum 0.1, unbiased
     variance), for bookkeeping and parity with the PyTorch reference; initialisation leaves them untouched.
+
+    Two modes serve the origin step's shortcut (`gonjax.origin.OriginShortcut`):
+    - `batch_size`: x holds one example that stands for `batch_size` equal ones. Mean and variance are the same;
+      the unbiased running variance counts the whole batch.
+    - `bn_stats` collection: if it holds this layer's `mean` and `var`, they normalise x instead of x's own, and
+      running averages are left alone; each example then goes through independently (the statistics held
+      fixed). If the collection is mutable (outside init), the statistics of the batch are written to it.
     """
 
     momentum: float = 0.1
     epsilon: float = 1e-5
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, batch_size: int | None = None) -> jax.Array:
         features = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (features,))
         bias = self.param("bias", nn.initializers.zeros, (features,))
+        if self.has_variable("bn_stats", "mean"):
+            mean, var = self.get_variable("bn_stats", "mean"), self.get_variable("bn_stats", "var")
+            return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,))
         running_var = self.variable("batch_stats", "var", jnp.ones, (features,))
 
@@ -54,8 +65,11 @@ class BatchStatNorm(nn.Module):
         mean = jnp.mean(x, axes)
         centred = x - mean
         var = jnp.mean(jnp.square(centred), axes)
+        if self.is_mutable_collection("bn_stats") and not self.is_initializing():
+            self.put_variable("bn_stats", "mean", mean)
+            self.put_variable("bn_stats", "var", var)
         if not self.is_initializing():
-            count = x.size // features
+            count = (x.size // features) * (batch_size or x.shape[0]) // x.shape[0]
             unbiased = jax.lax.stop_gradient(var) * (count / max(count - 1, 1))
             m = self.momentum
             running_mean.value = ((1 - m) * running_mean.value
@@ -71,14 +85,58 @@ DECONV_IMPLS = ("subpixel", "dilated")
 _PHASES = ((0, 0, 0), (0, 1, 2), (1, 1, 1), (1, 2, 3))
 
 
-def _subpixel_kernel(kernel: jax.Array) -> jax.Array:
-    """(4, 4, Cin, Cout) transposed-conv kernel -> (3, 3, Cin, 4*Cout) stride-1 kernel of its four phases."""
-    cin, cout = kernel.shape[2], kernel.shape[3]
-    phased = jnp.zeros((3, 3, cin, 2, 2, cout), kernel.dtype)
+def _phase_selector() -> np.ndarray:
+    """(3, 2, 4) 0/1 table: [offset dy, phase a, kernel row ky] = 1 where `_PHASES` pairs them."""
+    table = np.zeros((3, 2, 4), np.float32)
     for a, dy, ky in _PHASES:
-        for b, dx, kx in _PHASES:
-            phased = phased.at[dy, dx, :, a, b, :].set(kernel[ky, kx])
+        table[dy, a, ky] = 1.0
+    return table
+
+
+def _subpixel_kernel(kernel: jax.Array) -> jax.Array:
+    """(4, 4, Cin, Cout) transposed-conv kernel -> (3, 3, Cin, 4*Cout) stride-1 kernel of its four phases.
+
+    One exact contraction with a constant 0/1 table (a chain of scatters compiles and runs slower)."""
+    cin, cout = kernel.shape[2], kernel.shape[3]
+    select = jnp.asarray(_phase_selector(), kernel.dtype)
+    phased = jnp.einsum("yak,xbl,klco->yxcabo", select, select, kernel, precision=jax.lax.Precision.HIGHEST)
     return phased.reshape(3, 3, cin, 4 * cout)
+
+
+def _depth_to_space(phases: jax.Array) -> jax.Array:
+    """(N, H, W, 2, 2, C) output phases [.., a, b, c] -> (N, 2H, 2W, C) image, pixel (2i + a, 2j + b)."""
+    n, h, w, _, _, c = phases.shape
+    return phases.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, c)
+
+
+def _stride2_phase_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Stride-2 transposed conv as one 3x3 stride-1 convolution to the four phases, then depth-to-space."""
+    n, h, w, _ = x.shape
+    y = jax.lax.conv_general_dilated(x, _subpixel_kernel(kernel), (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return _depth_to_space(y.reshape(n, h, w, 2, 2, kernel.shape[-1]))
+
+
+def _stride2_tap_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Stride-2 transposed conv as one matmul giving every input pixel's 16 taps, then their sum per output
+    pixel (col2im): phase (a, b) of output pixel (i, j) adds the taps of `_PHASES` from its 2x2 input
+    neighbourhood. Exact FLOPs, no zero taps; the faster form for narrow outputs (the image layer)."""
+    n, h, w, cin = x.shape
+    cout = kernel.shape[-1]
+    taps = x.reshape(-1, cin) @ kernel.transpose(2, 0, 1, 3).reshape(cin, 16 * cout)
+    taps = jnp.pad(taps.reshape(n, h, w, 4, 4, cout), ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
+    phases = []
+    for a in (0, 1):
+        for b in (0, 1):
+            phases.append(sum(taps[:, dy:dy + h, dx:dx + w, ky, kx, :]
+                              for a_, dy, ky in _PHASES if a_ == a for b_, dx, kx in _PHASES if b_ == b))
+    return _depth_to_space(jnp.stack(phases, axis=-2).reshape(n, h, w, 2, 2, cout))
+
+
+# Stride-2 layers with at most this many output channels use `_stride2_tap_matmul`, wider ones
+# `_stride2_phase_conv` (benchmarks/README.md: on XLA:CPU the tap matmul is ~3x faster for the 16 -> 1 image
+# layer and slower for 32 -> 16).
+TAP_MATMUL_MAX_FEATURES = 4
 
 
 class TorchConvTranspose(nn.Module):
@@ -88,8 +146,9 @@ class TorchConvTranspose(nn.Module):
     bound 1/sqrt(16 * Cout), as PyTorch reads fan-in from dim 1 of its (Cin, Cout, kh, kw) weight). The
     computation is selectable, all formulations being the same function:
     - "dilated": `lax.conv_transpose` (an lhs-dilated convolution; its backward is slow on XLA:CPU, jax#23783);
-    - "subpixel": the 1x1 -> 4x4 first layer as one matmul, and each stride-2 layer as one stride-1 3x3
-      convolution producing the four output phases (4*Cout channels) followed by depth-to-space.
+    - "subpixel": the 1x1 -> 4x4 first layer as one matmul; each stride-2 layer as one stride-1 3x3
+      convolution producing the four output phases (4*Cout channels) followed by depth-to-space, or, for
+      narrow outputs, as one matmul to the 16 taps of every input pixel summed into their output pixels.
     """
 
     features: int
@@ -108,10 +167,9 @@ class TorchConvTranspose(nn.Module):
         if self.impl == "subpixel" and (self.stride, self.padding, h, w) == (1, 0, 1, 1):
             return jnp.einsum("nc,yxco->nyxo", x[:, 0, 0, :], kernel[::-1, ::-1]) + bias
         if self.impl == "subpixel" and (self.stride, self.padding) == (2, 1):
-            y = jax.lax.conv_general_dilated(x, _subpixel_kernel(kernel), (1, 1), ((1, 1), (1, 1)),
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
-            y = y.reshape(n, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
-            return y.reshape(n, 2 * h, 2 * w, self.features) + bias
+            if self.features <= TAP_MATMUL_MAX_FEATURES:
+                return _stride2_tap_matmul(x, kernel) + bias
+            return _stride2_phase_conv(x, kernel) + bias
         pad = 4 - 1 - self.padding
         y = jax.lax.conv_transpose(x, kernel, (self.stride, self.stride), ((pad, pad), (pad, pad)),
                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -131,7 +189,8 @@ class ConvDecoder(nn.Module):
     deconv_impl: str = "subpixel"  # how the transposed convolutions are computed (TorchConvTranspose)
 
     @nn.compact
-    def __call__(self, z: jax.Array) -> jax.Array:
+    def __call__(self, z: jax.Array, batch_size: int | None = None) -> jax.Array:
+        """`batch_size`: z holds one latent standing for that many equal ones (see BatchStatNorm)."""
         act = ACTIVATIONS[self.activation]
         x = z[:, None, None, :]
         widths = (4 * self.ngf, 2 * self.ngf, self.ngf)
@@ -139,7 +198,7 @@ class ConvDecoder(nn.Module):
             first = i == 0
             x = TorchConvTranspose(width, stride=1 if first else 2, padding=0 if first else 1,
                                    impl=self.deconv_impl, name=f"deconv{i + 1}")(x)
-            x = act(BatchStatNorm(name=f"bn{i + 1}")(x))
+            x = act(BatchStatNorm(name=f"bn{i + 1}")(x, batch_size))
         x = TorchConvTranspose(self.nc, stride=2, padding=1, impl=self.deconv_impl, name="deconv4")(x)
         return nn.sigmoid(x)
 

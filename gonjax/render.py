@@ -4,10 +4,12 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from gonjax import xla
+
 
 def render(model, params, latents: jax.Array, resolution: int, images_per_call: int = 4) -> np.ndarray:
     """Images at resolution x resolution from latents, a few images per call to bound memory."""
-    draw = jax.jit(model.render, static_argnums=2)
+    draw = xla.jit(model.render, static_argnums=2)
     chunks = [np.asarray(draw(params, latents[i:i + images_per_call], resolution))
               for i in range(0, latents.shape[0], images_per_call)]
     return np.concatenate(chunks)

@@ -30,7 +30,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from gonjax import plots
+from gonjax import plots, xla
 from gonjax.config import Config
 from gonjax.data import input_pipeline
 from gonjax.errors import DivergedError, UsageError
@@ -246,9 +246,9 @@ def train_and_evaluate(config: Config, workdir) -> list[dict]:
     optimizer = make_optimizer(config, steps_per_epoch)
     init_rng, train_rng, eval_rng, sample_rng = jax.random.split(jax.random.PRNGKey(config.seed), 4)
     state = create_train_state(model, optimizer, init_rng, jnp.asarray(data.train[:config.batch_size]))
-    train_step = jax.jit(make_train_step(model, optimizer), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model))
-    sample = jax.jit(model.sample, static_argnums=3) if model.sample else None
+    train_step = xla.jit(make_train_step(model, optimizer), donate_argnums=0)
+    eval_step = xla.jit(make_eval_step(model))
+    sample = xla.jit(model.sample, static_argnums=3) if model.sample else None
 
     manager = ocp.CheckpointManager(
         (run.path / "checkpoints").absolute(),

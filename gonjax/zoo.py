@@ -100,10 +100,20 @@ def gon(config: Config, nc: int) -> Model:
         reconstruction, batch_stats = _stateful_apply(decoder, params, batch_stats, z)
         return losses.pixel_sse_loss(reconstruction, images), (batch_stats, reconstruction)
 
+    def decode(params, batch_stats, z, batch_size, stats):
+        if stats is not None:
+            return decoder.apply({"params": params, "bn_stats": stats}, z)
+        out, updates = decoder.apply({"params": params, "batch_stats": batch_stats}, z, batch_size,
+                                     mutable=["batch_stats", "bn_stats"])
+        return out, (updates["bn_stats"], updates["batch_stats"])
+
+    shortcut = _origin_shortcut(config, sigma, decode, losses.pixel_sse_loss)
+
     def apply(params, batch_stats, images, rng, step=0):
         rng_z0, rng_fit = jax.random.split(rng)
         z0 = origin.initial_latent(rng_z0, (images.shape[0], nz), sigma, images.dtype)
-        loss, result = origin.origin_step(fit, params, batch_stats, images, rng_fit, z0, detach=detach)
+        loss, result = origin.origin_step(fit, params, batch_stats, images, rng_fit, z0, detach=detach,
+                                          shortcut=shortcut)
         metrics = reconstruction_metrics(result.output, images)
         metrics["inner_loss"] = result.inner_loss
         return loss, (result.state, ModelOutput(result.output, metrics, result.latent))
@@ -112,6 +122,11 @@ def gon(config: Config, nc: int) -> Model:
         return dict(decoder.init(rng, jnp.zeros((images.shape[0], nz), images.dtype)))
 
     return Model(name=config.run_name, init=init, apply=apply)
+
+
+def _origin_shortcut(config: Config, sigma: float, decode, loss) -> origin.OriginShortcut | None:
+    """The inner pass from one example (origin.origin_gradient) where z0 is the origin and the config allows."""
+    return origin.OriginShortcut(decode, loss) if config.origin_shortcut and sigma == 0.0 else None
 
 
 def vgon_noise(rng: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
@@ -206,11 +221,18 @@ def implicit_gon(config: Config, nc: int) -> Model:
         output = siren.apply({"params": params}, coordinate_grid(size, z.dtype), z)
         return pixel_loss(output, pixels), (state, output)
 
+    def decode(params, state, z, batch_size, stats):
+        output = siren.apply({"params": params}, coordinate_grid(size, z.dtype), z)
+        return output if stats is not None else (output, ({}, state))
+
+    shortcut = _origin_shortcut(config, sigma, decode, pixel_loss)
+
     def apply(params, state, images, rng, step=0):
         pixels = images.reshape(images.shape[0], -1, images.shape[-1])
         rng_z0, rng_fit = jax.random.split(rng)
         z0 = origin.initial_latent(rng_z0, (images.shape[0], nz), sigma, images.dtype)
-        loss, result = origin.origin_step(fit, params, state, pixels, rng_fit, z0, detach=config.detach)
+        loss, result = origin.origin_step(fit, params, state, pixels, rng_fit, z0, detach=config.detach,
+                                          shortcut=shortcut)
         reconstruction = result.output.reshape(images.shape)
         mse = losses.mse_per_image(reconstruction, images)
         metrics = {"loss": loss, "mse": jnp.mean(mse), "psnr": jnp.mean(losses.psnr(mse)),
