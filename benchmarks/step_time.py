@@ -258,7 +258,7 @@ def main(argv=None) -> int:
     parser.add_argument("--nz", type=int, default=256)
     parser.add_argument("--dataset-shape", dest="shape", type=_shape, default=None,
                         help="HxWxC (default 32x32x1; 28x28x1 for the Implicit GON)")
-    parser.add_argument("--deconv-impl", choices=DECONV_IMPLS, default="subpixel",
+    parser.add_argument("--deconv-impl", choices=DECONV_IMPLS, default="taps",
                         help="how gonjax computes the transposed convolutions (the same function either way)")
     parser.add_argument("--no-origin-shortcut", dest="origin_shortcut", action="store_false",
                         help="GON / Implicit GON: decode the whole batch in the inner pass (Config.origin_shortcut)")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from gonjax.errors import UsageError
-from gonjax.models import ACTIVATIONS
+from gonjax.models import ACTIVATIONS, DECONV_IMPLS
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "coil20")
 
@@ -56,7 +56,7 @@ class Config:
     data_dir: str | None = None  # TFDS data dir; None = TFDS's default
     manual_dir: str | None = None  # folder of official files, for offline preparation
     keep_checkpoints: int = 3
-    deconv_impl: str = "subpixel"  # computation of the transposed convolutions: "subpixel" or "dilated"
+    deconv_impl: str = "taps"  # computation of the transposed convolutions: "taps", "subpixel" or "dilated"
     origin_shortcut: bool = True  # inner pass at z0 = 0 from one decoded example (gonjax.origin.origin_gradient)
     eval_batches: int | None = None  # evaluate on the first N batches of each split only (default: full passes)
 
@@ -89,8 +89,8 @@ class Config:
             raise UsageError("--lr-drop-epoch and --lr-drop-to go together")
         if self.lr_drop_epoch is not None and (self.lr_drop_epoch < 0 or not self.lr_drop_to > 0):
             raise UsageError("--lr-drop-epoch must be non-negative and --lr-drop-to positive")
-        if self.deconv_impl not in ("subpixel", "dilated"):
-            raise UsageError(f"deconv_impl must be subpixel or dilated, got {self.deconv_impl!r}")
+        if self.deconv_impl not in DECONV_IMPLS:
+            raise UsageError(f"deconv_impl must be one of {', '.join(DECONV_IMPLS)}, got {self.deconv_impl!r}")
         if self.loss_reduction not in ("mean", "sum"):
             raise UsageError(f"--loss-reduction must be mean or sum, got {self.loss_reduction!r}")
         if self.kl_weight < 0 or self.kl_warmup_steps < 0:

@@ -78,7 +78,7 @@ class BatchStatNorm(nn.Module):
         return centred * jax.lax.rsqrt(var + self.epsilon) * scale + bias
 
 
-DECONV_IMPLS = ("subpixel", "dilated")
+DECONV_IMPLS = ("taps", "subpixel", "dilated")
 
 # Stride-2, padding-1 transposed convolution by output phase: (phase a, input offset dy - 1, kernel row), where
 # output row 2i + a gathers input row i + dy - 1 through row `ky` of the flax kernel (the flipped PyTorch one).
@@ -117,26 +117,43 @@ def _stride2_phase_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return _depth_to_space(y.reshape(n, h, w, 2, 2, kernel.shape[-1]))
 
 
+@jax.custom_vjp
+def _sum_taps(taps: jax.Array) -> jax.Array:
+    """col2im of a stride-2, k=4, padding-1 transposed conv: taps (N, H, W, 2, 2, 2, 2, C) of every input pixel,
+    indexed (my, mx, a, b) for kernel tap (2 my + a, 2 mx + b), -> sums U (N, H+1, W+1, 2, 2, C) with output
+    pixel (2i + a, 2j + b) = U[i + a, j + b, a, b].
+
+    By `_PHASES`, kernel row ky = 2m + a of input row p feeds output row 2i + a with p = i + m + a - 1, so
+    U[q, a] = the sum over m of tap (m, a) of input row q + m - 1 (zero outside the image), in both axes.
+    Linear; `_gather_taps` and this are each other's VJP (autodiff would transpose the shifted slices into
+    padded copies summed, several times slower on XLA:CPU)."""
+    return sum(jnp.pad(taps[:, :, :, my, mx], ((0, 0), (1 - my, my), (1 - mx, mx), (0, 0), (0, 0), (0, 0)))
+               for my in (0, 1) for mx in (0, 1))
+
+
+@jax.custom_vjp
+def _gather_taps(sums: jax.Array) -> jax.Array:
+    """Transpose of `_sum_taps`: sums (N, H+1, W+1, 2, 2, C) -> taps (N, H, W, 2, 2, 2, 2, C), tap
+    (my, mx, a, b) of pixel (i, j) reading sums[i + 1 - my, j + 1 - mx, a, b]."""
+    h, w = sums.shape[1] - 1, sums.shape[2] - 1
+    return jnp.stack([jnp.stack([sums[:, 1 - my:1 - my + h, 1 - mx:1 - mx + w] for mx in (0, 1)], axis=3)
+                      for my in (0, 1)], axis=3)
+
+
+_sum_taps.defvjp(lambda taps: (_sum_taps(taps), None), lambda _, g: (_gather_taps(g),))
+_gather_taps.defvjp(lambda sums: (_gather_taps(sums), None), lambda _, g: (_sum_taps(g),))
+
+
 def _stride2_tap_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """Stride-2 transposed conv as one matmul giving every input pixel's 16 taps, then their sum per output
-    pixel (col2im): phase (a, b) of output pixel (i, j) adds the taps of `_PHASES` from its 2x2 input
-    neighbourhood. Exact FLOPs, no zero taps; the faster form for narrow outputs (the image layer)."""
+    pixel (`_sum_taps`) and depth-to-space. The true FLOPs (no zero taps)."""
     n, h, w, cin = x.shape
     cout = kernel.shape[-1]
-    taps = x.reshape(-1, cin) @ kernel.transpose(2, 0, 1, 3).reshape(cin, 16 * cout)
-    taps = jnp.pad(taps.reshape(n, h, w, 4, 4, cout), ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
-    phases = []
-    for a in (0, 1):
-        for b in (0, 1):
-            phases.append(sum(taps[:, dy:dy + h, dx:dx + w, ky, kx, :]
-                              for a_, dy, ky in _PHASES if a_ == a for b_, dx, kx in _PHASES if b_ == b))
-    return _depth_to_space(jnp.stack(phases, axis=-2).reshape(n, h, w, 2, 2, cout))
-
-
-# Stride-2 layers with at most this many output channels use `_stride2_tap_matmul`, wider ones
-# `_stride2_phase_conv` (benchmarks/README.md: on XLA:CPU the tap matmul is ~3x faster for the 16 -> 1 image
-# layer and slower for 32 -> 16).
-TAP_MATMUL_MAX_FEATURES = 4
+    weights = kernel.reshape(2, 2, 2, 2, cin, cout).transpose(4, 0, 2, 1, 3, 5).reshape(cin, 16 * cout)
+    sums = _sum_taps((x.reshape(-1, cin) @ weights).reshape(n, h, w, 2, 2, 2, 2, cout))
+    phases = jnp.stack([jnp.stack([sums[:, a:a + h, b:b + w, a, b] for b in (0, 1)], axis=3) for a in (0, 1)],
+                       axis=3)
+    return _depth_to_space(phases)
 
 
 class TorchConvTranspose(nn.Module):
@@ -144,17 +161,18 @@ class TorchConvTranspose(nn.Module):
 
     Parameters are flax ConvTranspose's (`kernel` (4, 4, Cin, Cout) with transpose_kernel=False, `bias`; init
     bound 1/sqrt(16 * Cout), as PyTorch reads fan-in from dim 1 of its (Cin, Cout, kh, kw) weight). The
-    computation is selectable, all formulations being the same function:
-    - "dilated": `lax.conv_transpose` (an lhs-dilated convolution; its backward is slow on XLA:CPU, jax#23783);
-    - "subpixel": the 1x1 -> 4x4 first layer as one matmul; each stride-2 layer as one stride-1 3x3
-      convolution producing the four output phases (4*Cout channels) followed by depth-to-space, or, for
-      narrow outputs, as one matmul to the 16 taps of every input pixel summed into their output pixels.
+    computation is selectable, all formulations being the same function (benchmarks/README.md measures them):
+    - "taps" (default): the 1x1 -> 4x4 first layer as one matmul; each stride-2 layer as one matmul giving the 16
+      taps of every input pixel, summed into their output pixels (`_stride2_tap_matmul`);
+    - "subpixel": the same first layer; each stride-2 layer as one stride-1 3x3 convolution producing the four
+      output phases (4*Cout channels, 2.25x the FLOPs: zero taps) followed by depth-to-space;
+    - "dilated": `lax.conv_transpose` (an lhs-dilated convolution; its backward is slow on XLA:CPU, jax#23783).
     """
 
     features: int
     stride: int
     padding: int
-    impl: str = "subpixel"
+    impl: str = "taps"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -164,11 +182,11 @@ class TorchConvTranspose(nn.Module):
         dtype = jnp.promote_types(x.dtype, kernel.dtype)
         x, kernel, bias = x.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
         n, h, w, _ = x.shape
-        if self.impl == "subpixel" and (self.stride, self.padding, h, w) == (1, 0, 1, 1):
+        if self.impl != "dilated" and (self.stride, self.padding, h, w) == (1, 0, 1, 1):
             return jnp.einsum("nc,yxco->nyxo", x[:, 0, 0, :], kernel[::-1, ::-1]) + bias
+        if self.impl == "taps" and (self.stride, self.padding) == (2, 1):
+            return _stride2_tap_matmul(x, kernel) + bias
         if self.impl == "subpixel" and (self.stride, self.padding) == (2, 1):
-            if self.features <= TAP_MATMUL_MAX_FEATURES:
-                return _stride2_tap_matmul(x, kernel) + bias
             return _stride2_phase_conv(x, kernel) + bias
         pad = 4 - 1 - self.padding
         y = jax.lax.conv_transpose(x, kernel, (self.stride, self.stride), ((pad, pad), (pad, pad)),
@@ -186,7 +204,7 @@ class ConvDecoder(nn.Module):
     ngf: int = 16
     nc: int = 1
     activation: str = "elu"
-    deconv_impl: str = "subpixel"  # how the transposed convolutions are computed (TorchConvTranspose)
+    deconv_impl: str = "taps"  # how the transposed convolutions are computed (TorchConvTranspose)
 
     @nn.compact
     def __call__(self, z: jax.Array, batch_size: int | None = None) -> jax.Array:
@@ -203,18 +221,43 @@ class ConvDecoder(nn.Module):
         return nn.sigmoid(x)
 
 
-def _torch_conv(features: int, in_features: int, stride: int, padding: int, name: str) -> nn.Conv:
-    """PyTorch `Conv2d(k=4, stride, padding)` as a flax layer, with PyTorch's init bound 1/sqrt(16 * Cin)."""
-    bound = 1.0 / (16 * in_features) ** 0.5
-    return nn.Conv(
-        features,
-        kernel_size=(4, 4),
-        strides=(stride, stride),
-        padding=((padding, padding), (padding, padding)),
-        kernel_init=symmetric_uniform(bound),
-        bias_init=symmetric_uniform(bound),
-        name=name,
-    )
+# Convolutions with at most this many input channels (the image layer) run as im2col + one matmul: on XLA:CPU
+# their weight gradient is 1.5x faster that way than as a convolution (benchmarks/README.md).
+IM2COL_MAX_IN_FEATURES = 4
+
+
+class TorchConv(nn.Module):
+    """PyTorch `Conv2d(k=4, stride, padding)` with PyTorch's init bound 1/sqrt(16 * Cin) (GON-SPEC 2.2, 2.5).
+
+    Parameters are flax `nn.Conv`'s (`kernel` (4, 4, Cin, Cout), `bias`). A kernel that covers its whole
+    unpadded input (4x4 -> 1x1) is one matmul; a narrow input is unfolded into patches (im2col) and multiplied;
+    anything else is `lax.conv_general_dilated`. All three are the same cross-correlation.
+    """
+
+    features: int
+    stride: int
+    padding: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, h, w, cin = x.shape
+        bound = 1.0 / (16 * cin) ** 0.5
+        kernel = self.param("kernel", symmetric_uniform(bound), (4, 4, cin, self.features))
+        bias = self.param("bias", symmetric_uniform(bound), (self.features,))
+        dtype = jnp.promote_types(x.dtype, kernel.dtype)
+        x, kernel, bias = x.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
+        s, p = self.stride, self.padding
+        if (h, w, p) == (4, 4, 0):
+            return (x.reshape(n, -1) @ kernel.reshape(-1, self.features)).reshape(n, 1, 1, -1) + bias
+        if cin <= IM2COL_MAX_IN_FEATURES:
+            padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+            ho, wo = (h + 2 * p - 4) // s + 1, (w + 2 * p - 4) // s + 1
+            patches = jnp.concatenate([padded[:, ky:ky + s * (ho - 1) + 1:s, kx:kx + s * (wo - 1) + 1:s, :]
+                                       for ky in range(4) for kx in range(4)], axis=-1)  # (.., (ky, kx, c))
+            return (patches @ kernel.reshape(16 * cin, self.features)) + bias
+        y = jax.lax.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias
 
 
 def torch_dense(features: int, in_features: int, name: str) -> nn.Dense:
@@ -238,9 +281,9 @@ class ConvEncoder(nn.Module):
         act = ACTIVATIONS[self.activation]
         widths = (self.ngf, 2 * self.ngf, 4 * self.ngf)
         for i, width in enumerate(widths):
-            x = _torch_conv(width, x.shape[-1], stride=2, padding=1, name=f"conv{i + 1}")(x)
+            x = TorchConv(width, stride=2, padding=1, name=f"conv{i + 1}")(x)
             x = act(BatchStatNorm(name=f"bn{i + 1}")(x))
-        x = act(_torch_conv(self.nz, x.shape[-1], stride=1, padding=0, name="conv4")(x))
+        x = act(TorchConv(self.nz, stride=1, padding=0, name="conv4")(x))
         return x.reshape(x.shape[0], -1)
 
 
@@ -266,7 +309,7 @@ class _LatentImageModel(nn.Module):
     ngf: int = 16
     nc: int = 1
     activation: str = "elu"
-    deconv_impl: str = "subpixel"
+    deconv_impl: str = "taps"
 
     def _decoder(self) -> ConvDecoder:
         return ConvDecoder(ngf=self.ngf, nc=self.nc, activation=self.activation, deconv_impl=self.deconv_impl)

@@ -6,7 +6,8 @@ import pytest
 
 import reference
 from gonjax.config import Config
-from gonjax.models import BatchStatNorm, ConvDecoder, ConvEncoder, count_params, symmetric_uniform
+from gonjax import models
+from gonjax.models import DECONV_IMPLS, BatchStatNorm, ConvDecoder, ConvEncoder, count_params, symmetric_uniform
 from gonjax.zoo import build_model
 
 
@@ -107,7 +108,7 @@ def _f64(tree):
     return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), tree)
 
 
-@pytest.mark.parametrize("impl", ["subpixel", "dilated"])
+@pytest.mark.parametrize("impl", DECONV_IMPLS)
 def test_decoder_matches_numpy_float64_reference(impl):
     with jax.enable_x64(True):
         decoder = ConvDecoder(ngf=3, nc=2, deconv_impl=impl)
@@ -138,3 +139,62 @@ def test_batch_stat_norm_normalises_with_batch_statistics_and_tracks_pytorch_run
         n = 6 * 3 * 3
         np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.1 * mean, rtol=1e-12)
         np.testing.assert_allclose(updates["batch_stats"]["var"], 0.9 + 0.1 * biased * n / (n - 1), rtol=1e-12)
+
+
+def _second_order(f, x, kernel):
+    """Gradients with respect to x and kernel of |grad_x sum(sin f(x))|^2: what a GON step differentiates."""
+
+    def inner_norm(x, kernel):
+        gx = jax.grad(lambda x: jnp.sum(jnp.sin(f(x, kernel))))(x)
+        return jnp.sum(jnp.square(gx))
+
+    return jax.grad(inner_norm, (0, 1))(x, kernel)
+
+
+@pytest.mark.parametrize("cin,cout", [(6, 3), (16, 1)])
+def test_stride2_transposed_conv_formulations_agree_to_second_order(cin, cout):
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(cin)
+        x, kernel = rng.normal(size=(3, 5, 5, cin)), rng.normal(size=(4, 4, cin, cout))
+
+        def reference_conv(x, kernel):  # PyTorch's ConvTranspose2d(k=4, s=2, p=1) as lax.conv_transpose
+            return jax.lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+        expected = reference_conv(x, kernel)
+        expected_second = _second_order(reference_conv, x, kernel)
+        for formulation in (models._stride2_tap_matmul, models._stride2_phase_conv):
+            np.testing.assert_allclose(formulation(x, kernel), expected, rtol=1e-12, atol=1e-12)
+            for got, want in zip(_second_order(formulation, x, kernel), expected_second):
+                np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_tap_sum_and_gather_are_adjoint():
+    """<sum_taps(t), u> = <t, gather_taps(u)>: each is the other's VJP, so the pair must be exact transposes."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        taps, sums = rng.normal(size=(2, 4, 3, 2, 2, 2, 2, 5)), rng.normal(size=(2, 5, 4, 2, 2, 5))
+        lhs = float(jnp.vdot(models._sum_taps(taps), sums))
+        rhs = float(jnp.vdot(taps, models._gather_taps(sums)))
+        assert abs(lhs) > 1.0
+        np.testing.assert_allclose(lhs, rhs, rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape,cout,stride,padding", [((3, 8, 8, 1), 4, 2, 1),   # im2col (narrow input)
+                                                       ((3, 8, 8, 6), 5, 2, 1),   # lax convolution
+                                                       ((3, 4, 4, 6), 7, 1, 0)])  # one matmul (4x4 -> 1x1)
+def test_torch_conv_paths_equal_the_cross_correlation(shape, cout, stride, padding):
+    with jax.enable_x64(True):
+        x = np.random.default_rng(1).normal(size=shape)
+        conv = models.TorchConv(cout, stride=stride, padding=padding)
+        params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), conv.init(jax.random.PRNGKey(0), x))
+
+        def reference_conv(x, p):
+            y = jax.lax.conv_general_dilated(x, p["params"]["kernel"], (stride, stride), ((padding, padding),) * 2,
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return y + p["params"]["bias"]
+
+        np.testing.assert_allclose(conv.apply(params, x), reference_conv(x, params), rtol=1e-12, atol=1e-12)
+        grads = jax.grad(lambda x, p: jnp.sum(jnp.sin(conv.apply(p, x))), (0, 1))(x, params)
+        expected = jax.grad(lambda x, p: jnp.sum(jnp.sin(reference_conv(x, p))), (0, 1))(x, params)
+        for got, want in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(expected)):
+            np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-12)

@@ -151,3 +151,33 @@ def test_inner_and_outer_passes_get_independent_keys():
 def test_initial_latent_is_the_origin_when_sigma_is_zero():
     z0 = origin.initial_latent(jax.random.PRNGKey(0), (2, 5), 0.0)
     np.testing.assert_array_equal(z0, 0.0)
+
+
+@pytest.mark.parametrize("model_name,overrides", [("gon", {}), ("gon", {"detach": True}),
+                                                  ("implicit_gon", {"dataset": "mnist", "loss_reduction": "sum"})])
+def test_origin_shortcut_matches_the_batched_inner_pass(model_name, overrides):
+    """origin_gradient (one decoded example) = differentiating the batched fit: latent, losses, every parameter
+    gradient (through the latent) and the BN running averages (the one example counts as the whole batch)."""
+    with jax.enable_x64(True):
+        size = 28 if model_name == "implicit_gon" else 32
+        images = jnp.asarray(np.random.default_rng(5).uniform(size=(B, size, size, 1)))
+        results = []
+        for shortcut in (False, True):
+            model = build_model(Config(model=model_name, ngf=NGF, nz=NZ, origin_shortcut=shortcut, **overrides), nc=1)
+            variables = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64),
+                                               model.init(jax.random.PRNGKey(3), images))
+            if "batch_stats" in variables:  # BN betas off ELU's kink at the origin (see _setup)
+                for i in (1, 2, 3):
+                    variables["params"][f"bn{i}"]["bias"] = variables["params"][f"bn{i}"]["bias"] + 0.3 * (-1) ** i
+            batch_stats = variables.get("batch_stats", {})
+
+            def loss(p, model=model, batch_stats=batch_stats):
+                return model.apply(p, batch_stats, images, jax.random.PRNGKey(0))
+
+            (value, (new_stats, output)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+            results.append((value, output.metrics["inner_loss"], output.latent, new_stats, grads))
+        (batched, shortcut) = results
+        assert float(jnp.abs(batched[2]).max()) > 1e-3  # a latent away from the origin
+        for a, b in zip(jax.tree_util.tree_leaves(batched), jax.tree_util.tree_leaves(shortcut)):
+            # gradients of biases ahead of batch-statistics BN are exactly 0; both sides give ~1e-17 noise there
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-9, atol=1e-13)

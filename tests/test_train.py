@@ -130,3 +130,11 @@ def test_partial_evaluation_is_recorded(shared_data, tfds_dir, tmp_path):
     assert all(r["eval_batches"] == 2 for r in records)
     full = train.train_and_evaluate(_config(shared_data, tfds_dir, max_steps=1), tmp_path / "full")
     assert "eval_batches" not in full[0] and full[0]["train_sse"] != records[0]["train_sse"]
+
+
+def test_cpu_compiler_options_keep_ynnpack_to_dots_and_compile():
+    from gonjax import xla
+    assert xla.compiler_options("cpu") == xla.CPU_OPTIONS  # this jaxlib knows the option
+    assert xla.compiler_options("gpu") is None
+    a = np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(xla.jit(lambda x: x @ x)(a)), a @ a, rtol=1e-5, atol=1e-5)
