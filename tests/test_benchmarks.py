@@ -18,6 +18,8 @@ def test_step_time_writes_table_and_json(tmp_path, capsys):
         assert row["speedup"] == pytest.approx(row["torch_ms"] / row["jax_ms"])
         assert row["jax_ms_spread"]["n"] == row["torch_ms_spread"]["n"] == 3
         assert row["jax_compile_s"] > 0 and row["jax_eval_images_per_s"] > 0 and row["torch_eval_images_per_s"] > 0
+        assert row["origin_shortcut"] is (True if row["model"] in ("gon", "gon_detached", "implicit_gon") else None)
+        assert row["xla_compiler_options"] is None or "xla_cpu_experimental_ynn_fusion_type" in row["xla_compiler_options"]
     env = report["environment"]
     assert {"jax", "torch", "flax"} <= set(env["versions"]) and env["threads"]["torch"] >= 1
     assert set(env["float32_matmul_precision"]) == {"jax", "torch"}
