@@ -76,27 +76,33 @@ class BatchStatNorm(nn.Module):
         features = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (features,))
         bias = self.param("bias", nn.initializers.zeros, (features,))
-        if self.has_variable("bn_stats", "mean"):
+        frozen = self.has_variable("bn_stats", "mean")
+        if frozen:
             mean, var = self.get_variable("bn_stats", "mean"), self.get_variable("bn_stats", "var")
-            return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,))
-        running_var = self.variable("batch_stats", "var", jnp.ones, (features,))
-
-        count = x.size // features
-        mean = _channel_sum(x) / count
+        else:
+            count = x.size // features
+            mean = _channel_sum(x) / count
         centred = x - _channel_broadcast(mean, x.shape)
-        var = _channel_sum(jnp.square(centred)) / count
-        if self.is_mutable_collection("bn_stats") and not self.is_initializing():
+        if not frozen:
+            var = _channel_sum(jnp.square(centred)) / count
+            self._record(mean, var, count * (batch_size or x.shape[0]) // x.shape[0])
+        return centred * _channel_broadcast(jax.lax.rsqrt(var + self.epsilon) * scale, x.shape) + bias
+
+    def _record(self, mean: jax.Array, var: jax.Array, count: int) -> None:
+        """Write the batch statistics to `bn_stats` if it is mutable, and update the running averages (PyTorch's:
+        momentum, unbiased variance over `count` values per channel). Initialisation does neither."""
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, mean.shape)
+        running_var = self.variable("batch_stats", "var", jnp.ones, var.shape)
+        if self.is_initializing():
+            return
+        if self.is_mutable_collection("bn_stats"):
             self.put_variable("bn_stats", "mean", mean)
             self.put_variable("bn_stats", "var", var)
-        if not self.is_initializing():
-            count = count * (batch_size or x.shape[0]) // x.shape[0]
-            unbiased = jax.lax.stop_gradient(var) * (count / max(count - 1, 1))
-            m = self.momentum
-            running_mean.value = ((1 - m) * running_mean.value
-                                  + m * jax.lax.stop_gradient(mean)).astype(running_mean.value.dtype)
-            running_var.value = ((1 - m) * running_var.value + m * unbiased).astype(running_var.value.dtype)
-        return centred * _channel_broadcast(jax.lax.rsqrt(var + self.epsilon) * scale, x.shape) + bias
+        unbiased = jax.lax.stop_gradient(var) * (count / max(count - 1, 1))
+        m = self.momentum
+        running_mean.value = ((1 - m) * running_mean.value
+                              + m * jax.lax.stop_gradient(mean)).astype(running_mean.value.dtype)
+        running_var.value = ((1 - m) * running_var.value + m * unbiased).astype(running_var.value.dtype)
 
 
 DECONV_IMPLS = ("taps", "subpixel", "dilated")

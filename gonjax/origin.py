@@ -56,7 +56,8 @@ class OriginShortcut(NamedTuple):
     """A deterministic fit split into decoder and loss, so that its inner pass at z0 = 0 can decode one example.
 
     decode(params, state, z, batch_size, stats) -> outputs, one of two ways:
-      - stats=None: z (1, ...) is one latent standing for `batch_size` equal ones; returns
+      - stats=None: z (1, ...) is one latent standing for `batch_size` equal ones (batch_size=None: z is the
+        batch itself); returns
         (output (1, ...), (stats, new_state)), `stats` being the normalisation statistics it used ({} if none);
       - stats given: every latent of z is decoded on its own with those statistics held fixed; returns output.
     loss(outputs, batch) -> the fit's loss of a batch of outputs.
@@ -64,6 +65,12 @@ class OriginShortcut(NamedTuple):
 
     decode: Callable
     loss: Callable
+
+    def fit(self, params, state, z, batch, rng):
+        """The fit this split stands for (the `Fit` protocol): decode the batch of latents and score it."""
+        del rng  # deterministic
+        output, (_, state) = self.decode(params, state, z, None, None)
+        return self.loss(output, batch), (state, output)
 
 
 def origin_gradient(shortcut: OriginShortcut, params, state, batch, latent_shape: tuple[int, ...], dtype):

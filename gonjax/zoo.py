@@ -95,11 +95,6 @@ def gon(config: Config, nc: int) -> Model:
     decoder = ConvDecoder(ngf=config.ngf, nc=nc, activation=config.activation, deconv_impl=config.deconv_impl)
     nz, sigma, detach = config.nz, config.latent_sigma, config.detach
 
-    def fit(params, batch_stats, z, images, rng):
-        del rng  # the GON decoder is deterministic
-        reconstruction, batch_stats = _stateful_apply(decoder, params, batch_stats, z)
-        return losses.pixel_sse_loss(reconstruction, images), (batch_stats, reconstruction)
-
     def decode(params, batch_stats, z, batch_size, stats):
         if stats is not None:
             return decoder.apply({"params": params, "bn_stats": stats}, z)
@@ -107,7 +102,7 @@ def gon(config: Config, nc: int) -> Model:
                                      mutable=["batch_stats", "bn_stats"])
         return out, (updates["bn_stats"], updates["batch_stats"])
 
-    shortcut = _origin_shortcut(config, sigma, decode, losses.pixel_sse_loss)
+    fit, shortcut = _origin_fit(config, decode, losses.pixel_sse_loss)
 
     def apply(params, batch_stats, images, rng, step=0):
         rng_z0, rng_fit = jax.random.split(rng)
@@ -124,9 +119,11 @@ def gon(config: Config, nc: int) -> Model:
     return Model(name=config.run_name, init=init, apply=apply)
 
 
-def _origin_shortcut(config: Config, sigma: float, decode, loss) -> origin.OriginShortcut | None:
-    """The inner pass from one example (origin.origin_gradient) where z0 is the origin and the config allows."""
-    return origin.OriginShortcut(decode, loss) if config.origin_shortcut and sigma == 0.0 else None
+def _origin_fit(config: Config, decode, loss) -> tuple[origin.Fit, origin.OriginShortcut | None]:
+    """A deterministic model's fit from its decoder and loss, and the shortcut that computes its inner pass
+    from one example (origin.origin_gradient) where z0 is the origin and the config allows."""
+    split = origin.OriginShortcut(decode, loss)
+    return split.fit, split if config.origin_shortcut and config.latent_sigma == 0.0 else None
 
 
 def vgon_noise(rng: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
@@ -217,15 +214,11 @@ def implicit_gon(config: Config, nc: int) -> Model:
         squared = jnp.square(output - target)
         return jnp.mean(squared) if config.loss_reduction == "mean" else jnp.mean(jnp.sum(squared, axis=(1, 2)))
 
-    def fit(params, state, z, pixels, rng):
-        output = siren.apply({"params": params}, coordinate_grid(size, z.dtype), z)
-        return pixel_loss(output, pixels), (state, output)
-
     def decode(params, state, z, batch_size, stats):
         output = siren.apply({"params": params}, coordinate_grid(size, z.dtype), z)
         return output if stats is not None else (output, ({}, state))
 
-    shortcut = _origin_shortcut(config, sigma, decode, pixel_loss)
+    fit, shortcut = _origin_fit(config, decode, pixel_loss)
 
     def apply(params, state, images, rng, step=0):
         pixels = images.reshape(images.shape[0], -1, images.shape[-1])
