@@ -11,7 +11,9 @@ a step that follows the other framework's competes with those threads (strict on
 JAX GON step at 16.7 ms instead of 13 ms on two cores). JAX runs the jitted train
 step with its state donated; PyTorch runs eagerly with as many threads as JAX's CPU backend uses.
 The evaluation figure is images per second over passes of `--eval-batches` batches (the full-pass procedure of
-the trainer: origin step per batch of 64, BN with batch statistics, SSE per image).
+the trainer: origin step per batch of 64, BN with batch statistics, SSE per image). `--floor` also times each
+step's matmuls and convolutions alone (`benchmarks/floor.py`), in the same blocks, and reports torch time / floor
+time: the largest speedup over PyTorch the step's contractions allow.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import numpy as np
 import optax
 import torch
 
+from benchmarks import floor
 from benchmarks import torch_reference as tr
 from gonjax import train, xla, zoo
 from gonjax.config import Config
@@ -157,6 +160,12 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
     train_step = jax.jit(train.make_train_step(model, jax_optimizer), donate_argnums=0, compiler_options=options)
     eval_step = jax.jit(train.make_eval_step(model), compiler_options=options)
     key = jax.random.PRNGKey(0)
+    if args.floor:  # the steps' matmuls and convolutions alone (benchmarks/floor.py)
+        train_floor, train_flops = floor.contraction_floor(train.make_train_step(model, jax_optimizer), state,
+                                                           jax_batches[0], key, compiler_options=options)
+        eval_floor, eval_flops = floor.contraction_floor(train.make_eval_step(model), state, jax_batches[0], key,
+                                                         compiler_options=options)
+        train_floor(), eval_floor()
 
     start = time.perf_counter()
     state, _ = train_step(state, jax_batches[0], key)
@@ -176,7 +185,7 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
     jax.block_until_ready(state)
     _torch_sync(torch_device)
 
-    jax_times, torch_times = [], []
+    jax_times, torch_times, floor_times = [], [], []
     for start_index in range(0, args.steps, args.block):
         indices = [i % len(jax_batches) for i in range(start_index, min(start_index + args.block, args.steps))]
         for index in indices:
@@ -189,8 +198,12 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
             bench.torch_train_step(module, optimizer, torch_batches[index], config)
             _torch_sync(torch_device)
             torch_times.append(time.perf_counter() - start)
+        for _ in indices if args.floor else ():
+            start = time.perf_counter()
+            train_floor()
+            floor_times.append(time.perf_counter() - start)
 
-    jax_eval, torch_eval = [], []
+    jax_eval, torch_eval, floor_eval = [], [], []
     images = args.eval_batches * args.batch_size
     for _ in range(args.eval_repeats):
         start = time.perf_counter()
@@ -207,10 +220,15 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
             total = total + ((bench.torch_reconstruct(module, x, config) - x) ** 2).sum((1, 2, 3)).mean()
         float(total)
         torch_eval.append(images / (time.perf_counter() - start))
+        if args.floor:
+            start = time.perf_counter()
+            for _ in range(args.eval_batches):
+                eval_floor()
+            floor_eval.append(images / (time.perf_counter() - start))
 
     jax_ms, torch_ms = _summary(jax_times), _summary(torch_times)
     jax_ips, torch_ips = statistics.median(jax_eval), statistics.median(torch_eval)
-    return {
+    result = {
         "model": name,
         "device": f"{jax_device.platform}:{jax_device.device_kind}",
         "torch_device": str(torch_device),
@@ -225,11 +243,31 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
         "jax_eval_images_per_s": jax_ips, "torch_eval_images_per_s": torch_ips,
         "eval_speedup": jax_ips / torch_ips,
     }
+    if args.floor:
+        floor_ms, floor_ips = _summary(floor_times), statistics.median(floor_eval)
+        result.update({
+            "floor_ms": floor_ms["median"], "floor_ms_spread": floor_ms, "floor_gflop": train_flops / 1e9,
+            "speedup_ceiling": torch_ms["median"] / floor_ms["median"],
+            "eval_floor_images_per_s": floor_ips, "eval_floor_gflop_per_batch": eval_flops / 1e9,
+            "eval_speedup_ceiling": floor_ips / torch_ips,
+        })
+    return result
+
+
+def _cpu_model() -> str:
+    """The CPU's marketing name (/proc/cpuinfo on Linux; platform.processor() elsewhere, often just the arch)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def environment() -> dict:
     return {
-        "python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor(),
+        "python": platform.python_version(), "machine": platform.machine(), "processor": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
                      "optax": optax.__version__,
@@ -270,6 +308,9 @@ def main(argv=None) -> int:
     parser.add_argument("--distinct-batches", type=int, default=4)
     parser.add_argument("--eval-batches", type=int, default=20)
     parser.add_argument("--eval-repeats", type=int, default=3)
+    parser.add_argument("--floor", action="store_true",
+                        help="also time each step's matmuls and convolutions alone (benchmarks/floor.py) and "
+                             "report the largest speedup over PyTorch they allow")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     if args.steps < 2 or args.batch_size < 2 or args.block < 1:
@@ -290,8 +331,19 @@ def main(argv=None) -> int:
               f"{r['torch_ms']:>10.2f}{t_range:>16}{r['speedup']:>9.2f}"
               f"{r['jax_compile_s']:>11.2f}{r['jax_eval_images_per_s']:>16.0f}{r['torch_eval_images_per_s']:>9.0f}"
               f"{r['eval_speedup']:>7.2f}")
-    print(f"jax {env['versions']['jax']} torch {env['versions']['torch']}, threads {env['threads']}, "
-          f"float32 matmul precision {env['float32_matmul_precision']}")
+    if args.floor:
+        print(f"\n{'model':<14}{'GFLOP':>8}{'floor ms':>10}{'jax ms':>9}{'torch ms':>10}{'ceiling':>9}"
+              f"{'eval GFLOP':>12}{'floor img/s':>13}{'jax img/s':>11}{'torch img/s':>13}{'ceiling':>9}")
+        for r in rows:
+            print(f"{r['model']:<14}{r['floor_gflop']:>8.3f}{r['floor_ms']:>10.2f}{r['jax_ms']:>9.2f}"
+                  f"{r['torch_ms']:>10.2f}{r['speedup_ceiling']:>9.2f}{r['eval_floor_gflop_per_batch']:>12.3f}"
+                  f"{r['eval_floor_images_per_s']:>13.0f}{r['jax_eval_images_per_s']:>11.0f}"
+                  f"{r['torch_eval_images_per_s']:>13.0f}{r['eval_speedup_ceiling']:>9.2f}")
+        print("floor: the step's matmuls and convolutions alone; ceiling: torch time / floor time, the largest "
+              "speedup those contractions allow")
+    print(f"{env['processor']}, {env['cpu_count']} cores; jax {env['versions']['jax']} torch "
+          f"{env['versions']['torch']}, threads {env['threads']}, float32 matmul precision "
+          f"{env['float32_matmul_precision']}")
     if args.json is not None:
         args.json.write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
     return 0

@@ -9,9 +9,10 @@ from benchmarks import step_time
 def test_step_time_writes_table_and_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert step_time.main(["--model", "all", "--ngf", "4", "--nz", "8", "--batch-size", "8", "--steps", "3",
-                           "--warmup", "1", "--eval-batches", "2", "--eval-repeats", "1", "--json", str(out)]) == 0
+                           "--warmup", "1", "--eval-batches", "2", "--eval-repeats", "1", "--floor",
+                           "--json", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "gon_detached" in table and "speedup" in table
+    assert "gon_detached" in table and "speedup" in table and "ceiling" in table
     report = json.loads(out.read_text())
     assert [r["model"] for r in report["results"]] == ["gon", "gon_detached", "vgon", "ae", "implicit_gon", "vae"]
     for row in report["results"]:
@@ -19,10 +20,14 @@ def test_step_time_writes_table_and_json(tmp_path, capsys):
         assert row["jax_ms_spread"]["n"] == row["torch_ms_spread"]["n"] == 3
         assert row["jax_compile_s"] > 0 and row["jax_eval_images_per_s"] > 0 and row["torch_eval_images_per_s"] > 0
         assert row["origin_shortcut"] is (True if row["model"] in ("gon", "gon_detached", "implicit_gon") else None)
+        assert row["speedup_ceiling"] == pytest.approx(row["torch_ms"] / row["floor_ms"])
+        assert row["eval_speedup_ceiling"] == pytest.approx(
+            row["eval_floor_images_per_s"] / row["torch_eval_images_per_s"])
+        assert row["floor_ms_spread"]["n"] == 3 and row["floor_gflop"] > row["eval_floor_gflop_per_batch"] > 0
         assert row["xla_compiler_options"] is None or "xla_cpu_experimental_ynn_fusion_type" in row["xla_compiler_options"]
     env = report["environment"]
     assert {"jax", "torch", "flax"} <= set(env["versions"]) and env["threads"]["torch"] >= 1
-    assert set(env["float32_matmul_precision"]) == {"jax", "torch"}
+    assert set(env["float32_matmul_precision"]) == {"jax", "torch"} and env["processor"]
 
 
 def test_step_time_never_overwrites_results(tmp_path):
