@@ -11,6 +11,7 @@ the step and reports torch_ms / floor_ms: the largest speedup over PyTorch those
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -63,7 +64,8 @@ def contractions(fn: Callable, *args) -> list[Contraction]:
 
 
 def contraction_floor(fn: Callable, *args, compiler_options: dict | None = None):
-    """(run, flops): `run()` executes `fn(*args)`'s contractions once, to completion; flops of one run."""
+    """(run, flops): `run()` dispatches `fn(*args)`'s contractions once and returns their (pending) outputs; flops
+    of one run. Wait on each run: unlike the step, the program keeps every contraction's output."""
     ops = contractions(fn, *args)
     rng = np.random.default_rng(0)
     operands = [tuple(jax.device_put(rng.uniform(-1, 1, o.shape).astype(o.dtype)) for o in op.operands)
@@ -73,8 +75,4 @@ def contraction_floor(fn: Callable, *args, compiler_options: dict | None = None)
         return [op.primitive.bind(*xs, **op.params) for op, xs in zip(ops, operands)]
 
     program = jax.jit(contract_all, compiler_options=compiler_options)
-
-    def run() -> None:
-        jax.block_until_ready(program(operands))
-
-    return run, sum(op.flops for op in ops)
+    return functools.partial(program, operands), sum(op.flops for op in ops)

@@ -157,15 +157,16 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
     jax_batches = [jax.device_put(b) for b in batches]
     state = train.create_train_state(model, jax_optimizer, jax.random.PRNGKey(0), jax_batches[0], variables)
     options = xla.compiler_options(jax_device.platform) if args.xla_options == "gonjax" else None
-    train_step = jax.jit(train.make_train_step(model, jax_optimizer), donate_argnums=0, compiler_options=options)
-    eval_step = jax.jit(train.make_eval_step(model), compiler_options=options)
+    train_fn, eval_fn = train.make_train_step(model, jax_optimizer), train.make_eval_step(model)
+    train_step = jax.jit(train_fn, donate_argnums=0, compiler_options=options)
+    eval_step = jax.jit(eval_fn, compiler_options=options)
     key = jax.random.PRNGKey(0)
     if args.floor:  # the steps' matmuls and convolutions alone (benchmarks/floor.py)
-        train_floor, train_flops = floor.contraction_floor(train.make_train_step(model, jax_optimizer), state,
-                                                           jax_batches[0], key, compiler_options=options)
-        eval_floor, eval_flops = floor.contraction_floor(train.make_eval_step(model), state, jax_batches[0], key,
+        train_floor, train_flops = floor.contraction_floor(train_fn, state, jax_batches[0], key,
+                                                           compiler_options=options)
+        eval_floor, eval_flops = floor.contraction_floor(eval_fn, state, jax_batches[0], key,
                                                          compiler_options=options)
-        train_floor(), eval_floor()
+        jax.block_until_ready((train_floor(), eval_floor()))
 
     start = time.perf_counter()
     state, _ = train_step(state, jax_batches[0], key)
@@ -198,10 +199,11 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
             bench.torch_train_step(module, optimizer, torch_batches[index], config)
             _torch_sync(torch_device)
             torch_times.append(time.perf_counter() - start)
-        for _ in indices if args.floor else ():
-            start = time.perf_counter()
-            train_floor()
-            floor_times.append(time.perf_counter() - start)
+        if args.floor:
+            for _ in indices:
+                start = time.perf_counter()
+                jax.block_until_ready(train_floor())
+                floor_times.append(time.perf_counter() - start)
 
     jax_eval, torch_eval, floor_eval = [], [], []
     images = args.eval_batches * args.batch_size
@@ -220,10 +222,10 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
             total = total + ((bench.torch_reconstruct(module, x, config) - x) ** 2).sum((1, 2, 3)).mean()
         float(total)
         torch_eval.append(images / (time.perf_counter() - start))
-        if args.floor:
+        if args.floor:  # each call waited on: queued calls would all hold every contraction's output at once
             start = time.perf_counter()
             for _ in range(args.eval_batches):
-                eval_floor()
+                jax.block_until_ready(eval_floor())
             floor_eval.append(images / (time.perf_counter() - start))
 
     jax_ms, torch_ms = _summary(jax_times), _summary(torch_times)

@@ -49,7 +49,12 @@ def test_while_loops_are_refused():
 def test_floor_program_runs_the_same_contractions():
     x, k = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 5))
     run, flops = floor.contraction_floor(lambda x, k: _conv(x, k) @ jnp.ones((5, 7)), x, k)
-    run()
+    conv_out, dot_out = run()
+    assert conv_out.shape == (2, 8, 8, 5) and dot_out.shape == (2, 8, 8, 7)
+    (operands,) = run.args  # the program's own random operands; contract the matmul's again in numpy
+    lhs, rhs = operands[1]
+    np.testing.assert_allclose(dot_out, np.asarray(lhs, np.float64) @ np.asarray(rhs, np.float64), rtol=1e-5,
+                               atol=1e-5)
     assert flops == 2 * (2 * 8 * 8 * 5) * 27 + 2 * (2 * 8 * 8 * 7) * 5
 
 
