@@ -22,6 +22,17 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def seed_list(text: str) -> list[int]:
+    """argparse type of --seeds: distinct non-negative integers separated by commas, e.g. "0,1,2"."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
+    if min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: seeds must be distinct and non-negative")
+    return seeds
+
+
 def build_parser(prog: str, description: str, model: str) -> argparse.ArgumentParser:
     """Flags common to every model, and those of its family (origin-step options, KL options)."""
     defaults = Config(model=model)
@@ -49,7 +60,10 @@ def build_parser(prog: str, description: str, model: str) -> argparse.ArgumentPa
         parser.add_argument("--kl-weight", type=float, default=defaults.kl_weight, help="weight of the KLD")
         parser.add_argument("--kl-warmup-steps", type=int, default=defaults.kl_warmup_steps,
                             help="ramp the KL weight linearly from 0 over this many steps (0: no warm-up)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=defaults.seed)
+    seeds.add_argument("--seeds", type=seed_list, default=None,
+                       help="train one run per seed, one after another, into WORKDIR/seed<k> (e.g. 0,1,2)")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="stop after this many training steps, then evaluate (smoke runs)")
     parser.add_argument("--workdir", default=None,
@@ -116,7 +130,12 @@ def run(model: str, description: str, argv: Sequence[str] | None,
     def start():
         config = config_from_args(args, model).validate()
         workdir = Path(args.workdir) if args.workdir else default_workdir(config)
-        print(f"{prog}: writing to {workdir}", flush=True)
-        train(config, workdir)
+        if args.seeds is None:
+            print(f"{prog}: writing to {workdir}", flush=True)
+            train(config, workdir)
+            return
+        for seed in args.seeds:  # each seed an ordinary run folder, resumable on its own
+            print(f"{prog}: seed {seed}: writing to {workdir / f'seed{seed}'}", flush=True)
+            train(dataclasses.replace(config, seed=seed), workdir / f"seed{seed}")
 
     return report_errors(prog, start)

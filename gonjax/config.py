@@ -5,10 +5,10 @@ import dataclasses
 import json
 from pathlib import Path
 
+from gonjax.catalog import DATASETS
 from gonjax.errors import UsageError
 from gonjax.models import ACTIVATIONS, DECONV_IMPLS
 
-DATASETS = ("mnist", "fashion_mnist", "cifar10", "coil20")
 
 def model_defaults(model: str, dataset: str) -> dict:
     """J's schedule for a model on a dataset (GON-SPEC 5, 8): epochs, lr (and its drop), latent size.

@@ -129,6 +129,27 @@ def evaluate(eval_step, state: TrainState, images: np.ndarray, batch_size: int, 
     return means, (np.asarray(first[0]), np.asarray(first[1]))
 
 
+def time_steps(config: Config, image_shape: tuple[int, int, int], repeats: int = 3) -> tuple[float, float]:
+    """Median seconds of one training step and of one evaluation batch of `config` on this machine, measured on
+    random images of `image_shape` after a first (compiling) call. For planning, not benchmarking."""
+    model = build_model(config, image_shape[-1])
+    rng = jax.random.PRNGKey(0)
+    images = jax.random.uniform(rng, (config.batch_size, *image_shape))
+    optimizer = make_optimizer(config)
+    state = create_train_state(model, optimizer, rng, images)
+    train_step = xla.jit(make_train_step(model, optimizer), donate_argnums=0)
+    eval_step = xla.jit(make_eval_step(model))
+    train_times, eval_times = [], []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        state, metrics = jax.block_until_ready(train_step(state, images, rng))
+        train_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        jax.block_until_ready(eval_step(state, images, rng))
+        eval_times.append(time.perf_counter() - start)
+    return float(np.median(train_times[1:])), float(np.median(eval_times[1:]))
+
+
 class RunDir:
     """A run's folder: refuses to touch anything that is not this run, writes files atomically."""
 

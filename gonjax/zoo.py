@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from gonjax import losses, origin
 from gonjax.config import Config
-from gonjax.data.input_pipeline import NATIVE_SIZE
+from gonjax.catalog import NATIVE_SIZE
 from gonjax.models import ConvAutoencoder, ConvDecoder, ConvVAE, Siren, VariationalGONFunction, coordinate_grid
 
 

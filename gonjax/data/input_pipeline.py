@@ -25,12 +25,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
+from gonjax.catalog import CHANNELS, NATIVE_SIZE  # noqa: F401  (re-exported)
 from gonjax.data.builders import BUILDERS
 from gonjax.errors import DataError
 
-# Side of the images each dataset gives the GON models when not resized (COIL-20 is always downsampled to 32).
-NATIVE_SIZE = {"mnist": 28, "fashion_mnist": 28, "cifar10": 32, "coil20": 32}
-CHANNELS = {"mnist": 1, "fashion_mnist": 1, "cifar10": 3, "coil20": 1}
 
 
 @dataclasses.dataclass(frozen=True)

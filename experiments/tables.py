@@ -1,0 +1,187 @@
+"""The results suite: train the cells of Tables 1-3 and the ablations (GON-SPEC 8, 9) and write their report.
+
+    python -m experiments.tables --manual-dir ../shared/data                   # everything, seed 0
+    python -m experiments.tables --table 1 --datasets coil20 --rows gon --seeds 0,1,2
+    python -m experiments.tables --dry-run                                     # the plan and its hours
+    python -m experiments.tables --report                                      # the report only
+
+Each cell (and seed) trains an ordinary run folder RESULTS/<table>/<row>/<dataset>/seed<k>/ through the trainer,
+so rerunning the command continues where it stopped (Ctrl-C, kill) and never trains a finished cell again.
+A dataset that cannot be prepared marks its cells "no data" and the suite goes on. After every cell the report
+is rewritten: RESULTS/TABLES.md, RESULTS/results.json and the figures (gonjax.results).
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from experiments import cli
+from gonjax import results
+from gonjax.catalog import CHANNELS, DATASETS, SPLIT_SIZES
+from gonjax.errors import DataError, DivergedError, GonjaxError, UsageError
+
+PROG = "python -m experiments.tables"
+
+
+def build_parser():
+    parser = cli.OneLineParser(prog=PROG, description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--table", action="append", choices=["1", "2", "3", "ablations"],
+                        help="a table to run (repeatable; default: all four)")
+    parser.add_argument("--datasets", type=_names, default=None,
+                        help=f"comma-separated datasets (default: every column; {', '.join(DATASETS)})")
+    parser.add_argument("--rows", type=_names, default=None,
+                        help=f"comma-separated rows (default: all; {', '.join(results.ROW_NAMES)})")
+    parser.add_argument("--seeds", type=cli.seed_list, default=[0], help="seeds of every cell, e.g. 0,1,2")
+    parser.add_argument("--results", default="results", help="folder of the run folders and the report")
+    parser.add_argument("--max-epochs", type=int, default=None,
+                        help="cap every schedule at this many epochs (a quick pass; the report says so)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true",
+                      help="list the cells, their epochs and the hours each would take here; train nothing")
+    mode.add_argument("--report", action="store_true", help="rebuild the report from what exists; train nothing")
+    parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's own)")
+    parser.add_argument("--manual-dir", default=None, help="folder of official dataset files, to prepare offline")
+    return parser
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _epochs_done(results_dir: Path, cell: results.Cell, target: int) -> int:
+    records = results.epoch_records(results.read_records(results_dir / results.run_folder(cell)), target)
+    return int(records[-1]["epoch"]) if records else 0
+
+
+def _jobs(cells, max_epochs):
+    """(cell, run folder, target epochs) in plan order, one per run folder, trained to the largest target of
+    the cells it holds (Table 1's GON on MNIST to 500 epochs also gives the ablations' epoch 50)."""
+    jobs: dict = {}
+    for cell in cells:
+        folder, target = results.run_folder(cell), cell.target_epochs(max_epochs)
+        if folder not in jobs or target > jobs[folder][2]:
+            jobs[folder] = (jobs.get(folder, (cell,))[0], folder, target)
+    return list(jobs.values())
+
+
+def run_cells(cells, results_dir: Path, max_epochs, data_flags: dict, write_report) -> int:
+    """Train every cell to its (capped) schedule, one after another; returns how many runs failed."""
+    from gonjax.data import input_pipeline  # TFDS only when something trains
+    from gonjax.train import train_and_evaluate
+
+    status = results.read_status(results_dir)
+    prepared, failures = set(), 0
+    jobs = _jobs(cells, max_epochs)
+    for index, (cell, folder, target) in enumerate(jobs, 1):
+        where = f"[{index}/{len(jobs)}] {folder}"
+        done = _epochs_done(results_dir, cell, target)
+        if done >= target:
+            print(f"{where}: done ({done}/{cell.schedule_epochs} epochs)", flush=True)
+            continue
+        if cell.dataset not in prepared:
+            try:
+                input_pipeline.prepare_builder(cell.dataset, **data_flags)
+            except DataError as error:
+                if cell.dataset not in status["datasets"]:
+                    print(f"{PROG}: {cell.dataset}: no data ({error}); its cells are marked so", file=sys.stderr)
+                status["datasets"][cell.dataset] = str(error)
+                results.write_status(results_dir, status)
+                continue
+            prepared.add(cell.dataset)
+            status["datasets"].pop(cell.dataset, None)
+        print(f"{where}: training to epoch {target}/{cell.schedule_epochs} (at {done})", flush=True)
+        try:
+            train_and_evaluate(cell.config(epochs=target, **data_flags), results_dir / folder)
+            status["runs"].pop(str(folder), None)
+        except (DivergedError, UsageError, DataError) as error:
+            print(f"{PROG}: {folder}: {error}", file=sys.stderr, flush=True)
+            status["runs"][str(folder)] = str(error)
+            failures += 1
+        results.write_status(results_dir, status)
+        write_report()
+    return failures
+
+
+def dry_run(cells, results_dir: Path, max_epochs) -> None:
+    """Print the plan: every job with its epochs, how far it is, and the hours left at this machine's speed
+    (the run's own seconds per epoch once it has some, else a short measurement of its steps)."""
+    from gonjax.train import time_steps
+
+    timings: dict = {}
+    total = 0.0
+    print(f"{'run folder':<44} {'epochs':>9} {'done':>5} {'s/epoch':>8} {'hours left':>10}")
+    for cell, folder, target in _jobs(cells, max_epochs):
+        records = results.epoch_records(results.read_records(results_dir / folder), target)
+        done = int(records[-1]["epoch"]) if records else 0
+        if done >= 1:
+            seconds = records[-1]["seconds"] + sum(r["eval_seconds"] for r in records[1:])
+            per_epoch, how = seconds / done, "measured in the run"
+        else:
+            config = cell.config()
+            key = (results.run_key(cell), cell.dataset)
+            if key not in timings:
+                size = _image_size(config)
+                timings[key] = time_steps(config, (size, size, CHANNELS[cell.dataset]))
+            train_s, eval_s = timings[key]
+            train_images, test_images = SPLIT_SIZES[cell.dataset]
+            steps, evals = train_images // config.batch_size, (train_images + test_images) // config.batch_size
+            per_epoch, how = steps * train_s + evals * eval_s, "from a timed step"
+        hours = (target - done) * per_epoch / 3600
+        total += hours
+        print(f"{str(folder):<44} {f'{target}/{cell.schedule_epochs}':>9} {done:>5} {per_epoch:>8.1f} "
+              f"{hours:>10.2f}  {how}", flush=True)
+    print(f"{len(cells)} cells, {len(_jobs(cells, max_epochs))} runs, about {total:.1f} hours left on this machine "
+          "(training steps and evaluations; pictures and checkpoints add a little)")
+
+
+def _image_size(config) -> int:
+    from gonjax.zoo import build_model
+
+    return build_model(config, 1).image_size
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+
+    def action():
+        if args.max_epochs is not None and args.max_epochs < 1:
+            raise UsageError(f"--max-epochs must be at least 1, got {args.max_epochs}")
+        tables = None if args.table is None else [t if t == "ablations" else f"table{t}" for t in args.table]
+        cells = results.plan(tables, args.datasets, args.rows, args.seeds)
+        results_dir = Path(args.results)
+        if args.dry_run:
+            dry_run(cells, results_dir, args.max_epochs)
+            return
+        try:
+            results_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"cannot create --results {results_dir} ({error.strerror or error})") from None
+        command = " ".join([PROG, *map(shlex.quote, argv)])
+
+        def write_report():
+            return results.write_report(cells, results_dir, max_epochs=args.max_epochs, command=command)
+
+        failures = 0
+        if args.report:
+            read = write_report()
+        else:
+            data_flags = {"data_dir": args.data_dir, "manual_dir": args.manual_dir}
+            try:
+                failures = run_cells(cells, results_dir, args.max_epochs, data_flags, write_report)
+            finally:  # also on Ctrl-C: the report shows how far every cell got
+                read = write_report()
+        counts = {}
+        for result in read:
+            counts[result.status] = counts.get(result.status, 0) + 1
+        print(f"{PROG}: report in {results_dir / 'TABLES.md'}: "
+              + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())), flush=True)
+        if failures:
+            raise GonjaxError(f"{failures} run(s) failed; see {results_dir / 'TABLES.md'} and rerun after fixing")
+
+    return cli.report_errors(PROG, action)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,468 @@
+"""The seed's results as a product: the cells of Tables 1-3 and of the ablations (GON-SPEC 8, 9), J's values
+beside them, and the report built from the run folders that train them.
+
+A cell is one (row, dataset, seed) of a table; it is trained by an ordinary run folder
+`<results>/<table>/<row>/<dataset>/seed<k>/` (`gonjax.train.train_and_evaluate`, resumable). Cells whose runs
+would be the same computation share one folder: the ablations' ELU and sigma-0 settings are GON (16, 256) on MNIST,
+i.e. the first 50 epochs of Table 1's run, and read that run at epoch 50.
+
+The report (`write_report`) reads every cell's `metrics.jsonl` at the cell's epoch and writes
+  TABLES.md      Tables 1-3 in the seed's layout and the ablations: ours, J's, the relative difference, the epoch
+                 reached against the spec's schedule and the hours taken
+  results.json   the same, one object per cell and seed
+  table<N>.png   per table, test metric against epoch for every cell, J's final value marked
+  ablation_activation.png, ablation_sigma.png   per-epoch train loss, epochs 1-50 (the seed's ablation figures)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from gonjax.catalog import DATASETS
+from gonjax.config import Config, model_defaults
+from gonjax.errors import UsageError
+
+TABLES = ("table1", "table2", "table3", "ablations")
+TABLE_TITLES = {
+    "table1": "Table 1: SSE per image, GONs and the conv autoencoder (500 epochs)",
+    "table2": "Table 2: Implicit GON, per-pixel MSE (100 epochs; COIL-20 500)",
+    "table3": "Table 3: SSE per image, variational models (1000 epochs)",
+    "ablations": "Ablations: MNIST, GON (16, 256), train loss (per pixel) after 50 epochs",
+}
+DATASET_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "coil20": "COIL-20"}
+DIFFERENCE_FLAG = 0.15  # COIL-20 test figures vary about this much with the split (GON-SPEC 8)
+STATUS_FILE = "suite_status.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One row of a table: a model with its settings, and J's (train, test) value per dataset (the columns;
+    None where J has no number)."""
+
+    table: str
+    name: str
+    label: str
+    model: str
+    j: dict = dataclasses.field(hash=False)
+    settings: dict = dataclasses.field(default_factory=dict, hash=False)  # Config fields beyond model defaults
+    epochs: int | None = None  # the schedule when it is not the model's (GON-SPEC 5): the ablations' 50
+    metric: str = "sse"  # the metrics.jsonl key the table reports (train_<metric>, test_<metric>)
+    group: str = ""  # ablations: which figure the row belongs to ("activation" or "sigma")
+
+
+def _columns(*values) -> dict:
+    """J's (train, test) pairs in the order MNIST, Fashion-MNIST, CIFAR-10, COIL-20."""
+    return dict(zip(DATASETS, values))
+
+
+def _ablation(name: str, group: str, **settings) -> Row:
+    label = {"activation": f"activation {settings.get('activation', 'elu')}",
+             "sigma": f"sigma {settings.get('latent_sigma', 0)}"}[group]
+    return Row("ablations", name, label, "gon", {"mnist": None}, settings, epochs=50, metric="loss", group=group)
+
+
+# GON-SPEC 8 (J's final values, train / test) and 9 (settings of the ablations).
+ROWS: tuple[Row, ...] = (
+    Row("table1", "gon", "GON (16, 256)", "gon",
+        _columns((0.1176, 0.1423), (0.6044, 0.6428), (7.605, 7.715), (1.378, 2.597))),
+    Row("table1", "gon_detached", "GON detached (16, 256)", "gon",
+        _columns((2.103, 2.464), (3.997, 4.124), (8.685, 8.729), (4.428, 5.410)), {"detach": True}),
+    Row("table1", "gon_32_256", "GON (32, 256)", "gon",
+        _columns((0.0642, 0.0884), (0.4483, 0.5184), (6.871, 7.260), (0.5529, 3.146)), {"ngf": 32}),
+    Row("table1", "gon_16_512", "GON (16, 512)", "gon",
+        _columns((0.0542, 0.0903), (0.1234, 0.1321), (3.347, 3.413), None), {"nz": 512}),
+    Row("table1", "ae", "Conv AE (16, 256)", "ae",
+        _columns((0.0816, 0.1352), (0.5224, 0.5755), (7.382, 7.543), (0.942, 4.537))),
+    Row("table1", "ae_32_256", "Conv AE (32, 256)", "ae",
+        _columns((0.0439, 0.0775), (0.3900, 0.4805), (6.496, 6.959), (0.4345, 4.080)), {"ngf": 32}),
+    Row("table2", "implicit_gon", "Implicit GON", "implicit_gon",
+        {"mnist": (0.005307, 0.005352), "fashion_mnist": (0.008706, 0.008906), "coil20": (0.007262, 0.011554)},
+        metric="mse"),
+    Row("table3", "vgon", "V-GON (16, 256)", "vgon",
+        _columns((8.568, 8.961), (9.973, 10.179), (43.27, 43.81), (8.918, 11.427))),
+    Row("table3", "vae_8_256", "VAE (8, 256)", "vae",
+        _columns((6.859, 7.337), (9.044, 9.206), (36.83, 37.02), (10.39, 11.86)), {"ngf": 8}),
+    Row("table3", "vae", "VAE (16, 256)", "vae",
+        _columns((6.057, 6.554), (8.179, 8.430), (35.18, 35.62), (8.100, 9.311))),
+    _ablation("elu", "activation"),
+    _ablation("relu", "activation", activation="relu"),
+    _ablation("selu", "activation", activation="selu"),
+    _ablation("sigma_0", "sigma"),
+    _ablation("sigma_0.01", "sigma", latent_sigma=0.01),
+    _ablation("sigma_0.1", "sigma", latent_sigma=0.1),
+    _ablation("sigma_1", "sigma", latent_sigma=1.0),
+)
+ROW_NAMES = tuple(dict.fromkeys(row.name for row in ROWS))
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One (row, dataset, seed) of a table."""
+
+    row: Row
+    dataset: str
+    seed: int
+
+    @property
+    def schedule_epochs(self) -> int:
+        """The spec's schedule for this cell (GON-SPEC 5, 9)."""
+        return self.row.epochs or model_defaults(self.row.model, self.dataset)["epochs"]
+
+    @property
+    def folder(self) -> Path:
+        """The cell's own place under the results folder: <table>/<row>/<dataset>/seed<k>."""
+        return Path(self.row.table, self.row.name, self.dataset, f"seed{self.seed}")
+
+    @property
+    def j(self) -> tuple[float, float] | None:
+        return self.row.j[self.dataset]
+
+    def target_epochs(self, max_epochs: int | None = None) -> int:
+        return self.schedule_epochs if max_epochs is None else min(self.schedule_epochs, max_epochs)
+
+    def config(self, epochs: int | None = None, **data_flags) -> Config:
+        """The run's Config: the model's defaults for the dataset (GON-SPEC 5), the row's settings, the seed."""
+        values = model_defaults(self.row.model, self.dataset)
+        values.update(self.row.settings, epochs=epochs or self.schedule_epochs, seed=self.seed, **data_flags)
+        return Config(model=self.row.model, dataset=self.dataset, **values).validate()
+
+
+def run_key(cell: Cell) -> Config:
+    """What makes two cells the same computation: the config less the schedule and where the data lives."""
+    return dataclasses.replace(cell.config(), epochs=1)
+
+
+def _choose(kind: str, given: Iterable[str] | None, choices: Sequence[str]) -> tuple[str, ...]:
+    if given is None:
+        return tuple(choices)
+    given = tuple(given)
+    unknown = [g for g in given if g not in choices]
+    if unknown:
+        raise UsageError(f"unknown {kind} {', '.join(map(repr, unknown))}; choose from {', '.join(choices)}")
+    return given
+
+
+def plan(tables: Iterable[str] | None = None, datasets: Iterable[str] | None = None,
+         rows: Iterable[str] | None = None, seeds: Sequence[int] = (0,)) -> list[Cell]:
+    """The cells of the chosen tables, datasets and rows (default: all of GON-SPEC 8 and 9), for every seed,
+    in table order."""
+    tables = _choose("table", tables, TABLES)
+    datasets = _choose("dataset", datasets, DATASETS)
+    rows = _choose("row", rows, ROW_NAMES)
+    cells = [Cell(row, dataset, seed) for row in ROWS if row.table in tables and row.name in rows
+             for dataset in row.j if dataset in datasets for seed in seeds]
+    if not cells:
+        raise UsageError("no cell of the spec's tables matches this choice of --table, --datasets and --rows")
+    return cells
+
+
+def run_folder(cell: Cell) -> Path:
+    """The folder that trains `cell`: its own, or that of the first cell in table order that is the same
+    computation (the ablations' ELU / sigma-0 runs are Table 1's GON (16, 256) on MNIST)."""
+    key = run_key(cell)
+    for other in plan(datasets=[cell.dataset], seeds=[cell.seed]):
+        if run_key(other) == key:
+            return other.folder
+    return cell.folder
+
+
+# ---------------------------------------------------------------------------------------------------- reading runs
+
+def read_records(run: Path) -> list[dict]:
+    """The metric records of a run folder in step order ([] when it has none); a torn last line (a crash in the
+    middle of a write) is ignored."""
+    file = Path(run) / "metrics.jsonl"
+    if not file.is_file():
+        return []
+    records = []
+    for line in file.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return sorted((r for r in records if isinstance(r, dict) and "step" in r), key=lambda r: r["step"])
+
+
+def epoch_records(records: Sequence[dict], up_to: int) -> list[dict]:
+    """Records of whole epochs 0..up_to (mid-epoch records of --max-steps runs left out)."""
+    return [r for r in records if float(r["epoch"]).is_integer() and r["epoch"] <= up_to]
+
+
+def read_status(results: Path) -> dict:
+    """Why cells could not run, as the suite recorded it: {"datasets": {name: why}, "runs": {folder: why}}."""
+    file = Path(results) / STATUS_FILE
+    status = json.loads(file.read_text()) if file.is_file() else {}
+    return {"datasets": status.get("datasets", {}), "runs": status.get("runs", {})}
+
+
+def write_status(results: Path, status: dict) -> None:
+    _write_text(Path(results) / STATUS_FILE, json.dumps(status, indent=2, sort_keys=True) + "\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class CellResult:
+    """What one seed of one cell reached: its values at the cell's epoch (or the latest before it)."""
+
+    cell: Cell
+    run: str  # the run folder, relative to the results folder
+    status: str  # finished, capped, partial, not started, no data, failed
+    target_epochs: int
+    epoch: int | None = None
+    train: float | None = None
+    test: float | None = None
+    hours: float | None = None
+    message: str = ""
+    curve: tuple = ()  # ((epoch, train, test), ...) up to the cell's epoch
+
+    def as_json(self) -> dict:
+        j = self.cell.j
+        return {"table": self.cell.row.table, "row": self.cell.row.name, "label": self.cell.row.label,
+                "dataset": self.cell.dataset, "seed": self.cell.seed, "run": self.run, "status": self.status,
+                "message": self.message, "metric": self.cell.row.metric, "epoch": self.epoch,
+                "target_epochs": self.target_epochs, "schedule_epochs": self.cell.schedule_epochs,
+                "train": self.train, "test": self.test, "hours": self.hours,
+                "j_train": j[0] if j else None, "j_test": j[1] if j else None}
+
+
+def cell_result(cell: Cell, results: Path, max_epochs: int | None = None, status: dict | None = None) -> CellResult:
+    """Read `cell` from its run folder under `results`."""
+    status = status or read_status(results)
+    folder = run_folder(cell)
+    target = cell.target_epochs(max_epochs)
+    records = epoch_records(read_records(Path(results) / folder), target)
+    if not records:
+        if cell.dataset in status["datasets"]:
+            return CellResult(cell, str(folder), "no data", target, message=status["datasets"][cell.dataset])
+        failed = status["runs"].get(str(folder))
+        return CellResult(cell, str(folder), "failed" if failed else "not started", target, message=failed or "")
+    metric = cell.row.metric
+    last = records[-1]
+    seconds = last.get("seconds", 0.0) + sum(r.get("eval_seconds", 0.0) for r in records)
+    if last["epoch"] >= cell.schedule_epochs:
+        state = "finished"
+    elif last["epoch"] >= target:
+        state = "capped"
+    else:
+        state = "failed" if str(folder) in status["runs"] else "partial"
+    curve = tuple((int(r["epoch"]), r[f"train_{metric}"], r[f"test_{metric}"]) for r in records)
+    return CellResult(cell, str(folder), state, target, int(last["epoch"]), last[f"train_{metric}"],
+                      last[f"test_{metric}"], seconds / 3600, status["runs"].get(str(folder), ""), curve)
+
+
+def seeds_on_disk(results: Path, cell: Cell) -> set[int]:
+    """Seeds that have a run folder for this cell's row and dataset."""
+    parent = Path(results) / run_folder(cell).parent
+    return {int(p.name[4:]) for p in parent.glob("seed*") if p.name[4:].isdigit()} if parent.is_dir() else set()
+
+
+def collect(cells: Sequence[Cell], results: Path, max_epochs: int | None = None) -> list[CellResult]:
+    """Every planned cell and every seed found on disk for the same row and dataset, read from `results`."""
+    status = read_status(results)
+    wanted, seen = [], set()
+    for cell in cells:
+        for seed in sorted({cell.seed} | seeds_on_disk(results, cell)):
+            key = (cell.row.table, cell.row.name, cell.dataset, seed)
+            if key not in seen:
+                seen.add(key)
+                wanted.append(Cell(cell.row, cell.dataset, seed))
+    return [cell_result(cell, results, max_epochs, status) for cell in wanted]
+
+
+# ------------------------------------------------------------------------------------------------------ the report
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """One table cell over its seeds, all read at the same epoch (the lowest any seed reached)."""
+
+    row: Row
+    dataset: str
+    results: tuple[CellResult, ...]
+    epoch: int | None
+    train: tuple[float, float | None] | None  # (mean, sd over seeds or None for one seed)
+    test: tuple[float, float | None] | None
+    hours: float | None
+
+    @property
+    def seeds(self) -> int:
+        return len(self.results)
+
+    @property
+    def status(self) -> str:
+        states = {r.status for r in self.results}
+        for state in ("failed", "no data", "not started", "partial", "capped"):
+            if state in states:
+                return state
+        return "finished"
+
+    def difference(self) -> tuple[float, float] | None:
+        """(ours - J) / J for train and test."""
+        j = self.row.j[self.dataset]
+        if j is None or self.train is None:
+            return None
+        return (self.train[0] - j[0]) / j[0], (self.test[0] - j[1]) / j[1]
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def summarize(results: Sequence[CellResult]) -> list[Summary]:
+    """Group seeds of the same cell; values are taken at the lowest epoch every seed reached."""
+    groups: dict[tuple, list[CellResult]] = {}
+    for result in results:
+        groups.setdefault((result.cell.row.table, result.cell.row.name, result.cell.dataset), []).append(result)
+    summaries = []
+    for group in groups.values():
+        row, dataset = group[0].cell.row, group[0].cell.dataset
+        started = [r for r in group if r.epoch is not None]
+        if not started:
+            summaries.append(Summary(row, dataset, tuple(group), None, None, None, None))
+            continue
+        epoch = min(r.epoch for r in started)
+        at = [next(point for point in r.curve if point[0] == epoch) for r in started]
+        summaries.append(Summary(row, dataset, tuple(group), epoch, _mean_sd([p[1] for p in at]),
+                                 _mean_sd([p[2] for p in at]), statistics.fmean(r.hours for r in started)))
+    return summaries
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _with_sd(pair: tuple[float, float | None]) -> str:
+    mean, sd = pair
+    return _number(mean) if sd is None else f"{_number(mean)} ± {sd:.2g}"
+
+
+def _percent(value: float) -> str:
+    return f"{value * 100:+.0f}%"
+
+
+def _hours(hours: float) -> str:
+    return f"{hours * 60:.0f} min" if hours < 1 else f"{hours:.1f} h"
+
+
+def format_cell(summary: Summary) -> str:
+    """One table cell in markdown: ours, J's, the difference, the epoch against the schedule, hours, seeds."""
+    j = summary.row.j[summary.dataset]
+    j_text = f"J {_number(j[0])} / {_number(j[1])}" if j else "J -"
+    schedule = summary.results[0].cell.schedule_epochs
+    if summary.epoch is None:
+        why = {"no data": "no data", "failed": "failed", "not started": "not run"}[summary.status]
+        return "<br>".join([f"*{why}*", j_text])
+    lines = [f"**{_with_sd(summary.train)} / {_with_sd(summary.test)}**", j_text]
+    difference = summary.difference()
+    if difference:
+        lines.append(" / ".join(map(_percent, difference)))
+    seeds = f", {summary.seeds} seeds" if summary.seeds > 1 else ""
+    lines.append(f"{summary.epoch}/{schedule} ep, {_hours(summary.hours)}{seeds}"
+                 + (" (failed)" if summary.status == "failed" else ""))
+    return "<br>".join(lines)
+
+
+def _table_markdown(table: str, summaries: Sequence[Summary]) -> list[str]:
+    mine = [s for s in summaries if s.row.table == table]
+    datasets = [d for d in DATASETS if any(s.dataset == d for s in mine)]
+    rows = list(dict.fromkeys(s.row for s in mine))
+    lines = ["| model | " + " | ".join(DATASET_TITLES[d] for d in datasets) + " |",
+             "|---" * (len(datasets) + 1) + "|"]
+    for row in rows:
+        cells = []
+        for dataset in datasets:
+            found = [s for s in mine if s.row == row and s.dataset == dataset]
+            cells.append(format_cell(found[0]) if found else "")
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _ablation_markdown(summaries: Sequence[Summary]) -> list[str]:
+    lines = []
+    for group in ("activation", "sigma"):
+        mine = [s for s in summaries if s.row.table == "ablations" and s.row.group == group]
+        if not mine:
+            continue
+        lines += ["", f"**{group}**", "",
+                  "| | " + " | ".join(s.row.label for s in mine) + " |", "|---" * (len(mine) + 1) + "|"]
+        for name, index in (("train loss", 0), ("test loss", 1)):
+            values = [("-" if s.train is None else _with_sd((s.train, s.test)[index])) for s in mine]
+            lines.append(f"| {name} | " + " | ".join(values) + " |")
+        lines.append("| epochs | " + " | ".join(
+            f"{s.epoch if s.epoch is not None else 0}/{s.results[0].cell.schedule_epochs}" for s in mine) + " |")
+        runs = ["same run as Table 1" if s.results[0].run.startswith("table1") else "own run" for s in mine]
+        lines.append("| run | " + " | ".join(runs) + " |")
+    return lines
+
+
+def report_markdown(summaries: Sequence[Summary], max_epochs: int | None, command: str) -> str:
+    """TABLES.md: every table in the seed's layout, the ablations, and the cells far from J."""
+    lines = ["# Results: the tables and ablations of GON-SPEC 8 and 9", "",
+             f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
+             "Each cell: **ours train / test** (mean ± sd over seeds where there are several), J's value, the "
+             "relative difference (ours - J) / J for train / test, the epoch the values are from against the "
+             "spec's schedule (a cell below its schedule is unfinished), and the hours its training steps and "
+             "evaluations took (compilation, pictures and checkpoints not counted). Seeds are read at the lowest "
+             "epoch all of them reached."]
+    if max_epochs is not None:
+        lines += ["", f"**Capped at {max_epochs} epochs (`--max-epochs {max_epochs}`): a quick pass, not the "
+                      "spec's schedule.**"]
+    for table in TABLES:
+        if not any(s.row.table == table for s in summaries):
+            continue
+        lines += ["", f"## {TABLE_TITLES[table]}", ""]
+        if table == "ablations":
+            lines += ["J reports these as curves only (GON-SPEC 9): ReLU trails ELU and SELU, and sigma >= 0.1 "
+                      "barely learns. Figures: `ablation_activation.png`, `ablation_sigma.png`."]
+            lines += _ablation_markdown(summaries)
+        else:
+            lines += _table_markdown(table, summaries)
+            lines += ["", f"Figure: `{table}.png` (test metric against epoch; J's final value marked)."]
+    far = [s for s in summaries
+           if s.status == "finished" and s.difference() and max(map(abs, s.difference())) > DIFFERENCE_FLAG]
+    if far:
+        lines += ["", f"## Finished cells more than {DIFFERENCE_FLAG:.0%} from J", ""]
+        for s in far:
+            train, test = s.difference()
+            lines.append(f"- {TABLE_TITLES[s.row.table].split(':')[0]}, {s.row.label}, "
+                         f"{DATASET_TITLES[s.dataset]}: train {_percent(train)}, test {_percent(test)} at epoch "
+                         f"{s.epoch}/{s.results[0].cell.schedule_epochs}")
+    problems = [r for s in summaries for r in s.results if r.message]
+    if problems:
+        lines += ["", "## Cells that could not run", ""]
+        lines += [f"- {r.run}: {r.status}: {r.message}" for r in problems]
+    return "\n".join(lines) + "\n"
+
+
+def _write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def write_report(cells: Sequence[Cell], results: Path, out: Path | None = None, max_epochs: int | None = None,
+                 command: str = "python -m experiments.tables") -> list[CellResult]:
+    """Read every cell under `results` and write TABLES.md, results.json and the figures into `out`
+    (default: `results`). Returns what was read."""
+    from gonjax import plots  # matplotlib only when a report is drawn
+
+    out = Path(out or results)
+    out.mkdir(parents=True, exist_ok=True)
+    read = collect(cells, results, max_epochs)
+    summaries = summarize(read)
+    _write_text(out / "TABLES.md", report_markdown(summaries, max_epochs, command))
+    document = {"max_epochs": max_epochs, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "cells": [r.as_json() for r in read]}
+    _write_text(out / "results.json", json.dumps(document, indent=1) + "\n")
+    for table in ("table1", "table2", "table3"):
+        mine = [r for r in read if r.cell.row.table == table and r.curve]
+        if mine:
+            plots.save_table_curves(out / f"{table}.png", mine, TABLE_TITLES[table], DATASET_TITLES)
+    for group in ("activation", "sigma"):
+        mine = [r for r in read if r.cell.row.table == "ablations" and r.cell.row.group == group and r.curve]
+        if mine:
+            plots.save_ablation_curves(out / f"ablation_{group}.png", mine, f"Ablation: {group}")
+    return read

@@ -1,0 +1,180 @@
+"""The results suite's plan and report (gonjax.results), against hand-written expectations of GON-SPEC 8 and 9
+and a fixture results folder of hand-written metrics.jsonl files."""
+import json
+import statistics
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from gonjax import results
+from gonjax.errors import UsageError
+
+# GON-SPEC 8 and 9, written out by hand: (table, row) -> (datasets, epochs per dataset, Config fields).
+ALL4 = ("mnist", "fashion_mnist", "cifar10", "coil20")
+EXPECTED_ROWS = {
+    ("table1", "gon"): (ALL4, 500, {"model": "gon", "ngf": 16, "nz": 256, "detach": False}),
+    ("table1", "gon_detached"): (ALL4, 500, {"model": "gon", "ngf": 16, "nz": 256, "detach": True}),
+    ("table1", "gon_32_256"): (ALL4, 500, {"model": "gon", "ngf": 32, "nz": 256}),
+    ("table1", "gon_16_512"): (ALL4, 500, {"model": "gon", "ngf": 16, "nz": 512}),
+    ("table1", "ae"): (ALL4, 500, {"model": "ae", "ngf": 16, "nz": 256}),
+    ("table1", "ae_32_256"): (ALL4, 500, {"model": "ae", "ngf": 32, "nz": 256}),
+    ("table2", "implicit_gon"): (("mnist", "fashion_mnist", "coil20"), None, {"model": "implicit_gon", "nz": 32}),
+    ("table3", "vgon"): (ALL4, 1000, {"model": "vgon", "ngf": 16, "nz": 256}),
+    ("table3", "vae_8_256"): (ALL4, 1000, {"model": "vae", "ngf": 8, "nz": 256}),
+    ("table3", "vae"): (ALL4, 1000, {"model": "vae", "ngf": 16, "nz": 256}),
+    ("ablations", "elu"): (("mnist",), 50, {"model": "gon", "activation": "elu", "latent_sigma": 0.0}),
+    ("ablations", "relu"): (("mnist",), 50, {"model": "gon", "activation": "relu", "latent_sigma": 0.0}),
+    ("ablations", "selu"): (("mnist",), 50, {"model": "gon", "activation": "selu", "latent_sigma": 0.0}),
+    ("ablations", "sigma_0"): (("mnist",), 50, {"model": "gon", "activation": "elu", "latent_sigma": 0.0}),
+    ("ablations", "sigma_0.01"): (("mnist",), 50, {"model": "gon", "activation": "elu", "latent_sigma": 0.01}),
+    ("ablations", "sigma_0.1"): (("mnist",), 50, {"model": "gon", "activation": "elu", "latent_sigma": 0.1}),
+    ("ablations", "sigma_1"): (("mnist",), 50, {"model": "gon", "activation": "elu", "latent_sigma": 1.0}),
+}
+
+
+def test_plan_lists_exactly_the_spec_cells():
+    cells = results.plan(seeds=[0, 1])
+    assert Counter(c.row.table for c in cells) == {"table1": 48, "table2": 6, "table3": 24, "ablations": 14}
+    assert len({(c.row.table, c.row.name, c.dataset, c.seed) for c in cells}) == len(cells) == 92
+    by_row = {}
+    for cell in cells:
+        by_row.setdefault((cell.row.table, cell.row.name), set()).add((cell.dataset, cell.seed))
+    assert set(by_row) == set(EXPECTED_ROWS)
+    for key, (datasets, epochs, fields) in EXPECTED_ROWS.items():
+        assert by_row[key] == {(d, s) for d in datasets for s in (0, 1)}, key
+        for cell in (c for c in cells if (c.row.table, c.row.name) == key):
+            config = cell.config()
+            for name, value in fields.items():
+                assert getattr(config, name) == value, (key, name)
+            assert config.seed == cell.seed and config.batch_size == 64
+            if epochs is not None:
+                assert cell.schedule_epochs == config.epochs == epochs, key
+
+
+def test_plan_schedules_and_rates_of_gon_spec_5():
+    def config(table, row, dataset):
+        return next(c for c in results.plan([table], [dataset], [row])).config()
+
+    assert config("table2", "implicit_gon", "mnist").epochs == 100
+    assert config("table2", "implicit_gon", "fashion_mnist").epochs == 100
+    coil = config("table2", "implicit_gon", "coil20")
+    assert (coil.epochs, coil.lr, coil.lr_drop_epoch, coil.lr_drop_to) == (500, 1e-4, 50, 5e-5)
+    assert config("table3", "vgon", "coil20").lr == 1e-3
+    assert config("table3", "vgon", "mnist").lr == 2e-4
+    assert config("table1", "gon", "cifar10").lr == 2e-4
+    assert [c.j for c in results.plan(["table1"], ["coil20"], ["gon", "gon_16_512"])] == [(1.378, 2.597), None]
+    assert next(iter(results.plan(["table3"], ["cifar10"], ["vae"]))).j == (35.18, 35.62)
+
+
+def test_plan_filters_and_refuses_unknown_names():
+    cells = results.plan(["table1"], ["coil20"], ["gon"], seeds=[0, 1, 2])
+    assert [(c.row.name, c.dataset, c.seed) for c in cells] == [("gon", "coil20", s) for s in (0, 1, 2)]
+    with pytest.raises(UsageError, match="unknown row 'gonn'"):
+        results.plan(rows=["gonn"])
+    with pytest.raises(UsageError, match="unknown dataset"):
+        results.plan(datasets=["svhn"])
+    with pytest.raises(UsageError, match="no cell"):
+        results.plan(["table2"], ["cifar10"])
+
+
+def test_identical_computations_share_one_run_folder():
+    cells = results.plan(seeds=[1])
+    folders = {(c.row.table, c.row.name, c.dataset): str(results.run_folder(c)) for c in cells}
+    assert folders["ablations", "elu", "mnist"] == folders["ablations", "sigma_0", "mnist"] == "table1/gon/mnist/seed1"
+    assert folders["ablations", "relu", "mnist"] == "ablations/relu/mnist/seed1"
+    assert folders["table1", "gon_detached", "coil20"] == "table1/gon_detached/coil20/seed1"
+    assert len(set(folders.values())) == len(cells) - 2 == 44
+
+
+def _write_run(root, folder, rows, torn=False):
+    path = root / folder
+    path.mkdir(parents=True)
+    lines = [json.dumps(dict(zip(("epoch", "step", "train_sse", "test_sse", "train_loss", "test_loss", "seconds",
+                                  "eval_seconds"), row))) for row in rows]
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n" + ('{"epoch": 3, "st' if torn else ""))
+
+
+@pytest.fixture
+def fixture_results(tmp_path):
+    """Hand-written run folders: three finished seeds of GON on COIL-20, a partial AE, Table 1's GON on MNIST at
+    epoch 60 (which holds the ablations' ELU), a finished ReLU ablation, and CIFAR-10 marked as missing."""
+    for seed, (train, test) in enumerate([(1.3, 2.5), (1.4, 2.7), (1.5, 2.6)]):
+        _write_run(tmp_path, f"table1/gon/coil20/seed{seed}",
+                   [(0, 0, 60.0, 61.0, 0.06, 0.06, 0.0, 10.0), (250, 4500, 3.0, 4.0, 0.003, 0.004, 1000.0, 10.0),
+                    (500, 9000, train, test, 0.001, 0.002, 3580.0, 10.0)], torn=seed == 1)
+    _write_run(tmp_path, "table1/ae/coil20/seed0",
+               [(0, 0, 60.0, 61.0, 0.06, 0.06, 0.0, 1.0), (212, 3816, 2.0, 5.0, 0.002, 0.005, 700.0, 1.0),
+                (212.5, 3825, 1.0, 1.0, 0.001, 0.001, 701.0, 1.0)])
+    _write_run(tmp_path, "table1/gon/mnist/seed0",
+               [(e, 937 * e, 10.0 / (e + 1), 11.0 / (e + 1), 0.01 / (e + 1), 0.011 / (e + 1), 10.0 * e, 3.0)
+                for e in range(61)])
+    _write_run(tmp_path, "ablations/relu/mnist/seed0",
+               [(e, 937 * e, 20.0 / (e + 1), 21.0 / (e + 1), 0.02 / (e + 1), 0.021 / (e + 1), 10.0 * e, 3.0)
+                for e in range(51)])
+    (tmp_path / results.STATUS_FILE).write_text(json.dumps({"datasets": {"cifar10": "no official cifar10 files"}}))
+    return tmp_path
+
+
+def _by_cell(read):
+    return {(r.cell.row.name, r.cell.dataset, r.cell.seed): r for r in read}
+
+
+def test_report_reads_cells_seeds_partial_epochs_and_missing_data(fixture_results):
+    cells = results.plan(["table1", "ablations"], ["coil20", "cifar10", "mnist"], ["gon", "ae", "elu", "relu"])
+    read = _by_cell(results.collect(cells, fixture_results))
+    # Seeds 1 and 2 exist on disk only: the report finds them.
+    for seed, (train, test) in enumerate([(1.3, 2.5), (1.4, 2.7), (1.5, 2.6)]):
+        gon = read["gon", "coil20", seed]
+        assert (gon.status, gon.epoch, gon.train, gon.test) == ("finished", 500, train, test)
+        assert gon.hours == pytest.approx((3580 + 30) / 3600)
+    ae = read["ae", "coil20", 0]
+    assert (ae.status, ae.epoch, ae.train, ae.test) == ("partial", 212, 2.0, 5.0)  # mid-epoch record left out
+    assert read["gon", "cifar10", 0].status == read["ae", "cifar10", 0].status == "no data"
+    assert read["gon", "mnist", 0].status == "partial" and read["gon", "mnist", 0].epoch == 60
+    assert read["ae", "mnist", 0].status == "not started"
+    elu = read["elu", "mnist", 0]  # Table 1's MNIST run, read at epoch 50
+    assert (elu.status, elu.epoch, elu.run) == ("finished", 50, "table1/gon/mnist/seed0")
+    assert elu.train == pytest.approx(0.01 / 51) and elu.test == pytest.approx(0.011 / 51)
+    assert read["relu", "mnist", 0].train == pytest.approx(0.02 / 51)
+
+    summaries = {(s.row.name, s.dataset): s for s in results.summarize(list(read.values()))}
+    gon = summaries["gon", "coil20"]
+    assert gon.seeds == 3 and gon.epoch == 500
+    assert gon.train[0] == pytest.approx(1.4) and gon.train[1] == pytest.approx(statistics.stdev([1.3, 1.4, 1.5]))
+    assert gon.test[0] == pytest.approx(2.6) and gon.test[1] == pytest.approx(0.1)
+    assert gon.difference() == pytest.approx(((1.4 - 1.378) / 1.378, (2.6 - 2.597) / 2.597))
+    text = results.format_cell(gon)
+    assert "**1.4 ± 0.1 / 2.6 ± 0.1**" in text and "J 1.378 / 2.597" in text and "+2% / +0%" in text
+    assert "500/500 ep, 1.0 h, 3 seeds" in text
+    assert "212/500 ep" in results.format_cell(summaries["ae", "coil20"])
+    assert "no data" in results.format_cell(summaries["gon", "cifar10"])
+    assert "not run" in results.format_cell(summaries["ae", "mnist"])
+
+
+def test_write_report_files(fixture_results, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    cells = results.plan(["table1", "ablations"], ["coil20", "cifar10", "mnist"], ["gon", "ae", "elu", "relu"])
+    results.write_report(cells, fixture_results, out)
+    document = json.loads((out / "results.json").read_text())
+    entries = {(c["row"], c["dataset"], c["seed"]): c for c in document["cells"]}
+    assert len(entries) == len(document["cells"]) == 10  # 8 planned cells, and seeds 1 and 2 found on disk
+    assert (entries["gon", "coil20", 2]["test"], entries["gon", "coil20", 2]["j_test"]) == (2.6, 2.597)
+    assert {k: entries["ae", "coil20", 0][k] for k in ("epoch", "schedule_epochs", "status", "j_train", "j_test")} \
+        == {"epoch": 212, "schedule_epochs": 500, "status": "partial", "j_train": 0.942, "j_test": 4.537}
+    assert entries["elu", "mnist", 0]["run"] == "table1/gon/mnist/seed0"
+    table = (out / "TABLES.md").read_text()
+    assert "| GON (16, 256) |" in table and "| Conv AE (16, 256) |" in table
+    assert "activation elu" in table and "same run as Table 1" in table
+    assert "more than 15% from J" not in table  # only finished cells are compared, and GON is within 15%
+    for name in ("table1.png", "ablation_activation.png"):
+        assert (out / name).stat().st_size > 10_000
+    assert not (out / "table3.png").exists()
+
+
+def test_plans_and_models_do_not_import_tfds():
+    code = ("import sys, gonjax.zoo, gonjax.results, gonjax.catalog; "
+            "assert 'tensorflow_datasets' not in sys.modules, 'TFDS imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -1,0 +1,116 @@
+"""The results suite's CLI (experiments.tables) as a user runs it, and --seeds on the training CLIs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from experiments import gon, tables
+
+
+def _tables(*args):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([sys.executable, "-m", "experiments.tables", *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_suite_runs_survives_missing_data_and_resumes_after_a_kill(shared_data, tfds_dir, tmp_path):
+    out = tmp_path / "results"
+    args = ["--table", "1", "--datasets", "coil20,cifar10", "--rows", "gon,gon_detached", "--max-epochs", "1",
+            "--results", out, "--manual-dir", shared_data, "--data-dir", tfds_dir]
+    first = _tables(*args)
+    for line in first.stdout:  # stop the suite once the first cell is finished and the second one starts
+        if line.startswith("[4/4]"):
+            first.send_signal(signal.SIGTERM)
+            break
+    _, stderr = first.communicate(timeout=600)
+    assert first.returncode == 130, stderr[-3000:]
+    assert "cifar10: no data" in stderr
+    gon_run, detached_run = out / "table1/gon/coil20/seed0", out / "table1/gon_detached/coil20/seed0"
+    assert [r["epoch"] for r in _records(gon_run)] == [0, 1]
+    finished = (gon_run / "metrics.jsonl").read_bytes()
+    checkpoints = sorted(p.name for p in (gon_run / "checkpoints").iterdir())
+    report = json.loads((out / "results.json").read_text())  # written on the way out of the interrupted pass
+    status = {(c["row"], c["dataset"]): c["status"] for c in report["cells"]}
+    assert status["gon", "coil20"] == "capped" and status["gon", "cifar10"] == "no data"
+
+    again = _tables(*args)
+    stdout, stderr = again.communicate(timeout=600)
+    assert again.returncode == 0, stderr[-3000:]
+    assert "[2/4] table1/gon/coil20/seed0: done" in stdout
+    assert (gon_run / "metrics.jsonl").read_bytes() == finished  # a finished cell is not trained again
+    assert sorted(p.name for p in (gon_run / "checkpoints").iterdir()) == checkpoints
+    assert [r["epoch"] for r in _records(detached_run)] == [0, 1]
+
+    report = json.loads((out / "results.json").read_text())
+    cells = {(c["row"], c["dataset"]): c for c in report["cells"]}
+    assert report["max_epochs"] == 1 and len(cells) == 4
+    assert {k: cells["gon", "coil20"][k] for k in ("status", "epoch", "target_epochs", "schedule_epochs")} == \
+        {"status": "capped", "epoch": 1, "target_epochs": 1, "schedule_epochs": 500}
+    assert cells["gon", "coil20"]["test"] == _records(gon_run)[1]["test_sse"]
+    assert (cells["gon_detached", "coil20"]["j_train"], cells["gon_detached", "coil20"]["j_test"]) == (4.428, 5.410)
+    assert cells["gon_detached", "cifar10"]["status"] == "no data"
+    text = (out / "TABLES.md").read_text()
+    assert "Capped at 1 epochs" in text and "1/500 ep" in text and "*no data*" in text
+    assert (out / "table1.png").stat().st_size > 10_000
+
+    (out / "TABLES.md").unlink()
+    rebuilt = _tables("--report", *args)
+    stdout, stderr = rebuilt.communicate(timeout=600)
+    assert rebuilt.returncode == 0 and "2 capped, 2 no data" in stdout, stderr
+    assert (out / "TABLES.md").read_text().split("\n", 3)[3] == text.split("\n", 3)[3]  # same but for the date
+
+
+def test_dry_run_lists_cells_with_hours_and_trains_nothing(tmp_path):
+    out = tmp_path / "results"
+    run = _tables("--dry-run", "--table", "1", "--table", "3", "--datasets", "coil20", "--rows", "gon,vae_8_256",
+                  "--results", out)
+    stdout, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr[-3000:]
+    lines = {line.split()[0]: line.split() for line in stdout.splitlines()[1:-1]}
+    assert set(lines) == {"table1/gon/coil20/seed0", "table3/vae_8_256/coil20/seed0"}
+    assert lines["table1/gon/coil20/seed0"][1:3] == ["500/500", "0"]
+    assert lines["table3/vae_8_256/coil20/seed0"][1] == "1000/1000"
+    assert all(float(line[4]) > 0 for line in lines.values())  # hours left, from a timed step
+    assert "2 cells, 2 runs" in stdout.splitlines()[-1]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--rows", "gonn"], "unknown row 'gonn'"),
+    (["--datasets", "svhn"], "unknown dataset 'svhn'"),
+    (["--table", "2", "--datasets", "cifar10"], "no cell"),
+    (["--max-epochs", "0"], "--max-epochs must be at least 1"),
+    (["--seeds", "1,1"], "seeds must be distinct"),
+    (["--dry-run", "--report"], "not allowed with"),
+])
+def test_bad_flags_are_one_line_errors(args, fragment, tmp_path, capsys):
+    try:
+        code = tables.main([*args, "--results", str(tmp_path / "r")])
+    except SystemExit as exit_:  # argparse
+        code = exit_.code
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1 and fragment in lines[0], lines
+    assert not (tmp_path / "r").exists()
+
+
+def test_training_cli_seeds_train_one_run_folder_each(shared_data, tfds_dir, tmp_path, capsys):
+    workdir = tmp_path / "w"
+    args = ["--dataset", "coil20", "--manual-dir", str(shared_data), "--data-dir", str(tfds_dir), "--ngf", "4",
+            "--nz", "8", "--max-steps", "1", "--workdir", str(workdir)]
+    assert gon.main([*args, "--seeds", "3,1"]) == 0
+    configs = {p.name: json.loads((p / "config.json").read_text()) for p in workdir.iterdir()}
+    assert {name: c["seed"] for name, c in configs.items()} == {"seed3": 3, "seed1": 1}
+    losses = {name: _records(workdir / name)[0]["train_loss"] for name in configs}
+    assert losses["seed3"] != losses["seed1"]  # different inits
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        gon.main([*args, "--seed", "1", "--seeds", "0,1"])
+    assert "not allowed with argument" in capsys.readouterr().err
