@@ -34,6 +34,8 @@ def build_parser():
                         help=f"comma-separated rows (default: all; {', '.join(results.ROW_NAMES)})")
     parser.add_argument("--seeds", type=cli.seed_list, default=[0], help="seeds of every cell, e.g. 0,1,2")
     parser.add_argument("--results", default="results", help="folder of the run folders and the report")
+    parser.add_argument("--out", default=None,
+                        help="where the report goes (default: the --results folder), e.g. docs/results")
     parser.add_argument("--max-epochs", type=int, default=None,
                         help="cap every schedule at this many epochs (a quick pass; the report says so)")
     mode = parser.add_mutually_exclusive_group()
@@ -154,14 +156,18 @@ def main(argv=None) -> int:
         if args.dry_run:
             dry_run(cells, results_dir, args.max_epochs)
             return
-        try:
-            results_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise UsageError(f"cannot create --results {results_dir} ({error.strerror or error})") from None
+        if args.report and not results_dir.is_dir():
+            raise UsageError(f"--results {results_dir} is not a folder: nothing to report; train first")
+        for flag, folder in (("--results", results_dir), ("--out", args.out)):
+            try:
+                if folder is not None:
+                    Path(folder).mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise UsageError(f"cannot create {flag} {folder} ({error.strerror or error})") from None
         command = " ".join([PROG, *map(shlex.quote, argv)])
 
         def write_report():
-            return results.write_report(cells, results_dir, max_epochs=args.max_epochs, command=command)
+            return results.write_report(cells, results_dir, args.out, max_epochs=args.max_epochs, command=command)
 
         failures = 0
         if args.report:
@@ -175,7 +181,7 @@ def main(argv=None) -> int:
         counts = {}
         for result in read:
             counts[result.status] = counts.get(result.status, 0) + 1
-        print(f"{PROG}: report in {results_dir / 'TABLES.md'}: "
+        print(f"{PROG}: report in {Path(args.out or results_dir) / 'TABLES.md'}: "
               + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())), flush=True)
         if failures:
             raise GonjaxError(f"{failures} run(s) failed; see {results_dir / 'TABLES.md'} and rerun after fixing")

@@ -350,7 +350,7 @@ def _hours(hours: float) -> str:
 def format_cell(summary: Summary) -> str:
     """One table cell in markdown: ours, J's, the difference, the epoch against the schedule, hours, seeds."""
     j = summary.row.j[summary.dataset]
-    j_text = f"J {_number(j[0])} / {_number(j[1])}" if j else "J -"
+    j_text = f"J {j[0]:g} / {j[1]:g}" if j else "J -"
     schedule = summary.results[0].cell.schedule_epochs
     if summary.epoch is None:
         why = {"no data": "no data", "failed": "failed", "not started": "not run"}[summary.status]
