@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import time
 from collections.abc import Iterable, Sequence
@@ -420,7 +421,9 @@ def report_markdown(summaries: Sequence[Summary], max_epochs: int | None, comman
             lines += _ablation_markdown(summaries)
         else:
             lines += _table_markdown(table, summaries)
-            lines += ["", f"Figure: `{table}.png` (test metric against epoch; J's final value marked)."]
+            lines += ["", f"Figure: `{table}.png` (test metric against epoch; J's final value marked). Each "
+                      f"started cell's test images beside their reconstructions at the epoch shown (and prior "
+                      f"samples for the variational models): `pictures/{table}_<row>_<dataset>.png`."]
     far = [s for s in summaries
            if s.status == "finished" and s.difference() and max(map(abs, s.difference())) > DIFFERENCE_FLAG]
     if far:
@@ -465,4 +468,23 @@ def write_report(cells: Sequence[Cell], results: Path, out: Path | None = None, 
         mine = [r for r in read if r.cell.row.table == "ablations" and r.cell.row.group == group and r.curve]
         if mine:
             plots.save_ablation_curves(out / f"ablation_{group}.png", mine, f"Ablation: {group}")
+    copy_pictures(summaries, results, out)
     return read
+
+
+def copy_pictures(summaries: Sequence[Summary], results: Path, out: Path) -> list[Path]:
+    """The run's own pictures at each table cell's epoch (first seed): test images beside their reconstructions,
+    and prior samples where the model has them, copied to out/pictures/<table>_<row>_<dataset>[_samples].png."""
+    copied = []
+    for summary in summaries:
+        if summary.epoch is None or summary.row.table == "ablations":
+            continue
+        run = Path(results) / summary.results[0].run
+        for kind, suffix in (("recon", ""), ("samples", "_samples")):
+            source = run / f"{kind}_{summary.epoch}.png"
+            if source.is_file():
+                target = out / "pictures" / f"{summary.row.table}_{summary.row.name}_{summary.dataset}{suffix}.png"
+                target.parent.mkdir(exist_ok=True)
+                shutil.copyfile(source, target)
+                copied.append(target)
+    return copied
