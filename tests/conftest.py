@@ -3,7 +3,11 @@ import os
 
 os.environ["JAX_PLATFORMS"] = "cpu"  # before jax is imported anywhere
 
+import contextlib  # noqa: E402
+import importlib  # noqa: E402
+import io  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -22,3 +26,15 @@ def shared_data() -> Path:
 def tfds_dir(tmp_path_factory) -> Path:
     """One TFDS data dir for the whole session, so each dataset is prepared once."""
     return tmp_path_factory.mktemp("tfds")
+
+
+def run_main(module: str, *args) -> SimpleNamespace:
+    """`python -m experiments.<module> ARGS` in this process (the CLI's own `main(argv)`, without paying the
+    interpreter's imports again): its exit code, stdout and stderr."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = importlib.import_module(f"experiments.{module}").main([str(a) for a in args])
+        except SystemExit as exit_:  # argparse
+            code = exit_.code
+    return SimpleNamespace(returncode=code, stdout=stdout.getvalue(), stderr=stderr.getvalue())

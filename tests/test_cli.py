@@ -1,4 +1,8 @@
-"""The experiment CLI end to end, as a user runs it: artefacts, resume, and one-line errors."""
+"""The experiment CLI end to end, as a user runs it: artefacts, resume, and one-line errors.
+
+The smoke run and the killed run start real processes; the other cases call the same `main(argv)` in this
+process (the same code path after the interpreter starts, without paying the imports again).
+"""
 import json
 import os
 import signal
@@ -9,13 +13,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, run_main
 
 
-def _run(*args, module="gon", cwd=REPO):
+def _spawn(*args, module="gon", cwd=REPO):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, "-m", f"experiments.{module}", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+def _run(*args, module="gon"):
+    return run_main(module, *args)
 
 
 def _assert_one_line_error(result, *fragments):
@@ -31,7 +39,7 @@ def test_smoke_run_writes_every_artefact_and_does_not_rerun(shared_data, tfds_di
     workdir = tmp_path / "run"
     args = ["--dataset", "fashion_mnist", "--manual-dir", str(shared_data), "--data-dir", str(tfds_dir),
             "--max-steps", "3", "--ngf", "4", "--nz", "8", "--workdir", str(workdir)]
-    result = _run(*args)
+    result = _spawn(*args)
     assert result.returncode == 0, result.stderr[-3000:]
 
     config = json.loads((workdir / "config.json").read_text())
@@ -55,7 +63,7 @@ def test_smoke_run_writes_every_artefact_and_does_not_rerun(shared_data, tfds_di
     checkpoints = sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert checkpoints == ["0", "3"]
 
-    again = _run(*args)
+    again = _spawn(*args)
     assert again.returncode == 0 and "already finished" in again.stdout
     assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 2
 
@@ -157,7 +165,7 @@ def test_killed_run_stops_cleanly_and_resumes(shared_data, tfds_dir, tmp_path):
     assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert 2 <= len(records) < 41
-    resumed = _run(*args)  # the same command resumes from the last whole checkpoint
+    resumed = _spawn(*args)  # the same command resumes from the last whole checkpoint
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from step" in resumed.stdout
     final = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]

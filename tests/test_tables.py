@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
-from experiments import gon, tables
+from conftest import REPO, run_main
 
 
 def _tables(*args):
@@ -41,10 +40,9 @@ def test_suite_runs_survives_missing_data_and_resumes_after_a_kill(shared_data, 
     status = {(c["row"], c["dataset"]): c["status"] for c in report["cells"]}
     assert status["gon", "coil20"] == "capped" and status["gon", "cifar10"] == "no data"
 
-    again = _tables(*args)
-    stdout, stderr = again.communicate(timeout=600)
-    assert again.returncode == 0, stderr[-3000:]
-    assert "[2/4] table1/gon/coil20/seed0: done" in stdout
+    again = run_main("tables", *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[2/4] table1/gon/coil20/seed0: done" in again.stdout
     assert (gon_run / "metrics.jsonl").read_bytes() == finished  # a finished cell is not trained again
     assert sorted(p.name for p in (gon_run / "checkpoints").iterdir()) == checkpoints
     assert [r["epoch"] for r in _records(detached_run)] == [0, 1]
@@ -62,18 +60,17 @@ def test_suite_runs_survives_missing_data_and_resumes_after_a_kill(shared_data, 
     assert (out / "table1.png").stat().st_size > 10_000
 
     (out / "TABLES.md").unlink()
-    rebuilt = _tables("--report", *args)
-    stdout, stderr = rebuilt.communicate(timeout=600)
-    assert rebuilt.returncode == 0 and "2 capped, 2 no data" in stdout, stderr
+    rebuilt = run_main("tables", "--report", *args)
+    assert rebuilt.returncode == 0 and "2 capped, 2 no data" in rebuilt.stdout, rebuilt.stderr
     assert (out / "TABLES.md").read_text().split("\n", 3)[3] == text.split("\n", 3)[3]  # same but for the date
 
 
 def test_dry_run_lists_cells_with_hours_and_trains_nothing(tmp_path):
     out = tmp_path / "results"
-    run = _tables("--dry-run", "--table", "1", "--table", "3", "--datasets", "coil20", "--rows", "gon,vae_8_256",
-                  "--results", out)
-    stdout, stderr = run.communicate(timeout=600)
-    assert run.returncode == 0, stderr[-3000:]
+    run = run_main("tables", "--dry-run", "--table", "1", "--table", "3", "--datasets", "coil20", "--rows",
+                   "gon,vae_8_256", "--results", out)
+    assert run.returncode == 0, run.stderr[-3000:]
+    stdout = run.stdout
     lines = {line.split()[0]: line.split() for line in stdout.splitlines()[1:-1]}
     assert set(lines) == {"table1/gon/coil20/seed0", "table3/vae_8_256/coil20/seed0"}
     assert lines["table1/gon/coil20/seed0"][1:3] == ["500/500", "0"]
@@ -91,26 +88,21 @@ def test_dry_run_lists_cells_with_hours_and_trains_nothing(tmp_path):
     (["--seeds", "1,1"], "seeds must be distinct"),
     (["--dry-run", "--report"], "not allowed with"),
 ])
-def test_bad_flags_are_one_line_errors(args, fragment, tmp_path, capsys):
-    try:
-        code = tables.main([*args, "--results", str(tmp_path / "r")])
-    except SystemExit as exit_:  # argparse
-        code = exit_.code
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert code != 0 and len(lines) == 1 and fragment in lines[0], lines
+def test_bad_flags_are_one_line_errors(args, fragment, tmp_path):
+    result = run_main("tables", *args, "--results", tmp_path / "r")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1 and fragment in lines[0], lines
     assert not (tmp_path / "r").exists()
 
 
-def test_training_cli_seeds_train_one_run_folder_each(shared_data, tfds_dir, tmp_path, capsys):
+def test_training_cli_seeds_train_one_run_folder_each(shared_data, tfds_dir, tmp_path):
     workdir = tmp_path / "w"
-    args = ["--dataset", "coil20", "--manual-dir", str(shared_data), "--data-dir", str(tfds_dir), "--ngf", "4",
-            "--nz", "8", "--max-steps", "1", "--workdir", str(workdir)]
-    assert gon.main([*args, "--seeds", "3,1"]) == 0
+    args = ["--dataset", "coil20", "--manual-dir", shared_data, "--data-dir", tfds_dir, "--ngf", "4", "--nz", "8",
+            "--max-steps", "1", "--workdir", workdir]
+    assert run_main("gon", *args, "--seeds", "3,1").returncode == 0
     configs = {p.name: json.loads((p / "config.json").read_text()) for p in workdir.iterdir()}
     assert {name: c["seed"] for name, c in configs.items()} == {"seed3": 3, "seed1": 1}
     losses = {name: _records(workdir / name)[0]["train_loss"] for name in configs}
     assert losses["seed3"] != losses["seed1"]  # different inits
-    capsys.readouterr()
-    with pytest.raises(SystemExit):
-        gon.main([*args, "--seed", "1", "--seeds", "0,1"])
-    assert "not allowed with argument" in capsys.readouterr().err
+    both = run_main("gon", *args, "--seed", "1", "--seeds", "0,1")
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr

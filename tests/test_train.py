@@ -42,7 +42,7 @@ def test_train_step_is_one_adam_step_on_the_model_gradient():
         images = jnp.asarray(np.random.default_rng(1).uniform(size=(4, 32, 32, 1)))
         state = train.create_train_state(model, optimizer, jax.random.PRNGKey(0), images)
         state = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64) if x.dtype == jnp.float32 else x, state)
-        grads = jax.grad(lambda p: model.apply(p, state.batch_stats, images, jax.random.PRNGKey(0))[0])(
+        grads = jax.jit(jax.grad(lambda p: model.apply(p, state.batch_stats, images, jax.random.PRNGKey(0))[0]))(
             state.params)
         # The first Adam step from zero moments moves each parameter by lr * g / (|g| + eps) (bias-corrected).
         expected = jax.tree_util.tree_map(lambda p, g: p - config.lr * g / (jnp.abs(g) + 1e-8), state.params, grads)
