@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from gonjax.config import DATASETS, Config, model_defaults
+from gonjax.config import DATASETS, Config
 from gonjax.errors import GonjaxError
 from gonjax.models import ACTIVATIONS
 
@@ -80,15 +80,9 @@ def build_parser(prog: str, description: str, model: str) -> argparse.ArgumentPa
 
 
 def config_from_args(args: argparse.Namespace, model: str) -> Config:
+    """The flags given, and for those left out the spec's settings for the model and dataset (Config fills them)."""
     names = {f.name for f in dataclasses.fields(Config)}
-    values = {k: v for k, v in vars(args).items() if k in names}
-    defaults = model_defaults(model, args.dataset)
-    if values.get("lr_drop_epoch") is None and values.get("lr_drop_to") is None and values.get("lr") is not None:
-        defaults.update(lr_drop_epoch=None, lr_drop_to=None)  # an explicit --lr alone means a constant rate
-    for name, value in defaults.items():
-        if values.get(name) is None:
-            values[name] = value
-    return Config(model=model, **values)
+    return Config(model=model, **{k: v for k, v in vars(args).items() if k in names})
 
 
 def default_workdir(config: Config) -> Path:

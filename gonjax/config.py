@@ -10,6 +10,9 @@ from gonjax.errors import UsageError
 from gonjax.models import ACTIVATIONS, DECONV_IMPLS
 
 
+MODEL_NAMES = ("gon", "vgon", "ae", "vae", "implicit_gon")
+
+
 def model_defaults(model: str, dataset: str) -> dict:
     """J's schedule for a model on a dataset (GON-SPEC 5, 8): epochs, lr (and its drop), latent size.
 
@@ -34,14 +37,15 @@ RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "data_dir", "manual_dir", 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything that determines a run. Defaults are GON (16, 256) with J's settings (GON-SPEC 5, 8)."""
+    """Everything that determines a run. Defaults are GON (16, 256) with J's settings (GON-SPEC 5, 8); the
+    schedule, rate and latent size default to the spec's for the model and dataset chosen."""
 
     model: str = "gon"
     dataset: str = "fashion_mnist"
-    epochs: int = 500
+    epochs: int | None = None  # None: the spec's schedule for the model and dataset (model_defaults)
     batch_size: int = 64
-    lr: float = 2e-4
-    nz: int = 256
+    lr: float | None = None  # None: the spec's rate (and drop) for the model and dataset
+    nz: int | None = None  # None: 256, the Implicit GON's 32
     ngf: int = 16
     activation: str = "elu"
     detach: bool = False  # GON-SPEC 4.2
@@ -60,6 +64,18 @@ class Config:
     origin_shortcut: bool = True  # inner pass at z0 = 0 from one decoded example (gonjax.origin.origin_gradient)
     eval_batches: int | None = None  # evaluate on the first N batches of each split only (default: full passes)
 
+    def __post_init__(self):
+        """Fill the settings left None from the spec's schedule for this model and dataset (`model_defaults`),
+        so `Config(model="implicit_gon", dataset="coil20")` is J's Implicit GON run on COIL-20. A rate given
+        without a drop trains at that constant rate."""
+        if self.model not in MODEL_NAMES or self.dataset not in DATASETS:
+            return  # validate() says what is wrong
+        defaults = model_defaults(self.model, self.dataset)
+        constant_rate = self.lr is not None and self.lr_drop_epoch is None and self.lr_drop_to is None
+        for name in ("epochs", "lr", "nz") + (() if constant_rate else ("lr_drop_epoch", "lr_drop_to")):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, defaults[name])
+
     @property
     def run_name(self) -> str:
         """Model name as used in run folders and tables, e.g. `gon_detached`."""
@@ -67,6 +83,8 @@ class Config:
 
     def validate(self) -> "Config":
         """Raise UsageError (one line) for a value no run can use."""
+        if self.model not in MODEL_NAMES:
+            raise UsageError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}")
         if self.dataset not in DATASETS:
             raise UsageError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
         if self.activation not in ACTIVATIONS:

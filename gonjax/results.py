@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from gonjax.catalog import DATASETS
-from gonjax.config import Config, model_defaults
+from gonjax.config import Config
 from gonjax.errors import UsageError
 
 TABLES = ("table1", "table2", "table3", "ablations")
@@ -112,7 +112,7 @@ class Cell:
     @property
     def schedule_epochs(self) -> int:
         """The spec's schedule for this cell (GON-SPEC 5, 9)."""
-        return self.row.epochs or model_defaults(self.row.model, self.dataset)["epochs"]
+        return self.row.epochs or Config(model=self.row.model, dataset=self.dataset).epochs
 
     @property
     def folder(self) -> Path:
@@ -128,9 +128,8 @@ class Cell:
 
     def config(self, epochs: int | None = None, **data_flags) -> Config:
         """The run's Config: the model's defaults for the dataset (GON-SPEC 5), the row's settings, the seed."""
-        values = model_defaults(self.row.model, self.dataset)
-        values.update(self.row.settings, epochs=epochs or self.schedule_epochs, seed=self.seed, **data_flags)
-        return Config(model=self.row.model, dataset=self.dataset, **values).validate()
+        return Config(model=self.row.model, dataset=self.dataset, epochs=epochs or self.schedule_epochs,
+                      seed=self.seed, **self.row.settings, **data_flags).validate()
 
 
 def run_key(cell: Cell) -> Config:
