@@ -51,22 +51,41 @@ def save_reconstructions(path: Path, images: np.ndarray, reconstructions: np.nda
                [f"test images {title}".strip(), f"reconstructions {title}".strip()])
 
 
-def save_curves(path: Path, records: Sequence[dict], metric: str = "sse", ylabel: str = "SSE / image") -> None:
-    """Train and test `metric` against epoch, from metrics.jsonl records (log scale when it spans a lot)."""
+def save_curves(path: Path, records: Sequence[dict], metric: str = "sse", ylabel: str = "SSE / image",
+                windows: Sequence[dict] = ()) -> None:
+    """Train and test `metric` against epoch, from metrics.jsonl records (log scale when it spans a lot), and
+    beside it the training loss over windows of steps (train_metrics.jsonl) with the evaluated train loss."""
     epochs = [r["epoch"] for r in records]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig, axes = plt.subplots(1, 2 if windows else 1, squeeze=False, figsize=(12 if windows else 6, 4), dpi=100)
+    ax = axes[0][0]
     for split, style in (("train", "-o"), ("test", "-s")):
         ax.plot(epochs, [r[f"{split}_{metric}"] for r in records], style, markersize=3, label=split)
-    values = [r[f"{s}_{metric}"] for r in records for s in ("train", "test")]
-    if min(values) > 0 and max(values) / min(values) > 20:
-        ax.set_yscale("log")
+    _log_scale_if_wide(ax, [r[f"{s}_{metric}"] for r in records for s in ("train", "test")])
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
+    ax.set_title("evaluation (full passes)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
+    if windows:
+        ax = axes[0][1]
+        ax.plot([w["epoch"] for w in windows], [w["train_loss"] for w in windows], lw=0.8,
+                label="training steps (window mean)")
+        ax.plot(epochs, [r["train_loss"] for r in records], "o", markersize=3, label="evaluation, train set")
+        _log_scale_if_wide(ax, [w["train_loss"] for w in windows] + [r["train_loss"] for r in records])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        speed = windows[-1]["images_per_s"]
+        ax.set_title(f"training loss ({speed:.0f} images/s in the last window)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _log_scale_if_wide(ax, values: Sequence[float]) -> None:
+    if values and min(values) > 0 and max(values) / min(values) > 20:
+        ax.set_yscale("log")
 
 
 def save_table_curves(path: Path, results: Sequence, title: str, titles: dict | None = None) -> None:

@@ -4,6 +4,7 @@
   config.json      the run's Config
   data.json        how the dataset was prepared (TFDS builder, version, split sizes, split seed)
   metrics.jsonl    one JSON object per evaluation (before training, after every epoch, at --max-steps)
+  train_metrics.jsonl  the training loss averaged over windows of LOG_EVERY steps, with steps/s and images/s
   recon_<E>.png    first 64 test images beside their reconstructions after epoch E (recon_step<N>.png mid-epoch)
   samples_<E>.png  64 images decoded from the prior, for models that have one (V-GON, VAE)
   curves.png       train/test SSE per image against epoch
@@ -36,7 +37,7 @@ from gonjax.data import input_pipeline
 from gonjax.errors import DivergedError, UsageError
 from gonjax.zoo import Model, build_model
 
-LOG_EVERY = 50  # training steps between progress-bar updates and non-finite checks (and at epoch ends)
+LOG_EVERY = 50  # training steps per window of train_metrics.jsonl, progress-bar update and non-finite check
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -184,21 +185,46 @@ class RunDir:
         temporary.write_text(text)
         os.replace(temporary, target)
 
-    def read_metrics(self, up_to_step: int) -> list[dict]:
-        """Records of metrics.jsonl up to `up_to_step`; later ones (written after the last checkpoint of an
+    def read_metrics(self, up_to_step: int, name: str = "metrics.jsonl") -> list[dict]:
+        """Records of a JSON-lines file up to `up_to_step`; later ones (written after the last checkpoint of an
         interrupted run) are dropped from the file."""
-        file = self.path / "metrics.jsonl"
+        file = self.path / name
         if not file.exists():
             return []
         records = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
         kept = [r for r in records if r["step"] <= up_to_step]
         if len(kept) != len(records):
-            self.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+            self.write_text(name, "".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
-    def append_metrics(self, record: dict) -> None:
-        with open(self.path / "metrics.jsonl", "a") as f:
+    def append_metrics(self, record: dict, name: str = "metrics.jsonl") -> None:
+        with open(self.path / name, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class StepMeter:
+    """Training loss and speed over a window of steps: the step losses are summed on the device and read once
+    per window (which also waits for the window's last step)."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.restart()
+
+    def restart(self) -> None:
+        self.loss_sum, self.steps, self.started = None, 0, time.perf_counter()
+
+    def add(self, loss: jax.Array) -> None:
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.steps += 1
+
+    def read(self) -> dict:
+        """{"loss": mean step loss, "steps": n, "seconds": wall time, "steps_per_s", "images_per_s"}; restarts."""
+        loss = float(self.loss_sum) / self.steps
+        seconds = time.perf_counter() - self.started
+        window = {"loss": loss, "steps": self.steps, "seconds": seconds, "steps_per_s": self.steps / seconds,
+                  "images_per_s": self.steps * self.batch_size / seconds}
+        self.restart()
+        return window
 
 
 def _state_dict(state: TrainState) -> dict:
@@ -276,6 +302,7 @@ def train_and_evaluate(config: Config, workdir) -> list[dict]:
         state = _restore(manager, state)
     step = int(state.step)
     records = run.read_metrics(up_to_step=step)
+    windows = run.read_metrics(up_to_step=step, name="train_metrics.jsonl")
     if step >= total_steps and records and records[-1]["step"] == step:
         print(f"{run.path}: this run already finished at step {step} (epoch {records[-1]['epoch']}); "
               "raise --epochs or --max-steps to train on, or choose another --workdir", flush=True)
@@ -297,6 +324,12 @@ def train_and_evaluate(config: Config, workdir) -> list[dict]:
             record.update({f"{split}_{name}": value for name, value in means.items()})
         if config.eval_batches is not None:
             record["eval_batches"] = config.eval_batches  # partial passes: say so next to the numbers
+        epoch_start = (step - 1) // steps_per_epoch * steps_per_epoch
+        since = [w for w in windows if epoch_start < w["step"] <= step]
+        if since:  # the steps of this epoch so far (J's per-epoch training loss), and their speed
+            steps = sum(w["steps"] for w in since)
+            record["mean_step_loss"] = sum(w["train_loss"] * w["steps"] for w in since) / steps
+            record["steps_per_s"] = steps / sum(w["seconds"] for w in since)
         record["seconds"] = round(train_seconds, 3)
         record["eval_seconds"] = round(time.perf_counter() - eval_start, 3)
         bad = [k for k, v in record.items() if not math.isfinite(v)]
@@ -312,17 +345,26 @@ def train_and_evaluate(config: Config, workdir) -> list[dict]:
             plots.save_grids(run.path / f"samples_{suffix}.png", [plots.image_grid(np.asarray(samples))],
                              [f"samples from the prior (epoch {record['epoch']})"])
         metric = model.table_metric
-        plots.save_curves(run.path / "curves.png", records, metric, "SSE / image" if metric == "sse" else "MSE")
+        plots.save_curves(run.path / "curves.png", records, metric, "SSE / image" if metric == "sse" else "MSE",
+                          windows)
         manager.save(step, args=ocp.args.StandardSave(_state_dict(state)), force=True)
         print(f"epoch {record['epoch']} step {step}: train {metric} {record[f'train_{metric}']:.6g} "
               f"test {metric} {record[f'test_{metric}']:.6g} loss {record['train_loss']:.6g}/"
               f"{record['test_loss']:.6g} ({record['eval_seconds']:.1f}s eval)", flush=True)
 
-    def check_finite(metrics) -> float:
-        loss = float(metrics["loss"])
-        if not math.isfinite(loss):
-            raise DivergedError(f"non-finite training loss at step {step}; lower --lr or check the data")
-        return loss
+    meter = StepMeter(config.batch_size)
+
+    def record_window() -> dict:
+        window = meter.read()
+        if not math.isfinite(window["loss"]):
+            first = step - window["steps"] + 1
+            raise DivergedError(f"non-finite training loss at steps {first}-{step}; lower --lr or check the data")
+        row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "train_loss": window["loss"],
+               "steps": window["steps"], "seconds": round(window["seconds"], 4),
+               "steps_per_s": window["steps_per_s"], "images_per_s": window["images_per_s"]}
+        run.append_metrics(row, "train_metrics.jsonl")
+        windows.append(row)
+        return row
 
     show_progress = sys.stderr.isatty()
     try:
@@ -335,14 +377,18 @@ def train_and_evaluate(config: Config, workdir) -> list[dict]:
                 input_pipeline.train_batches(data.train, config.batch_size, config.seed, epoch, start))
             bar = tqdm(total=count, desc=f"epoch {epoch + 1}", disable=not show_progress, leave=False)
             epoch_start = time.perf_counter()
+            meter.restart()
             for batch in islice(batches, count):
                 state, metrics = train_step(state, batch, train_rng)
+                meter.add(metrics["loss"])
                 step += 1
                 bar.update()
                 if step % LOG_EVERY == 0:
-                    bar.set_postfix(loss=f"{check_finite(metrics):.5f}")
+                    row = record_window()
+                    bar.set_postfix(loss=f"{row['train_loss']:.5f}", images_per_s=f"{row['images_per_s']:.0f}")
             batches.close()  # stops the prefetch thread when the epoch ends early (--max-steps)
-            check_finite(metrics)  # also waits for the last step
+            if meter.steps:
+                record_window()  # the epoch's last, shorter window; also waits for its last step
             train_seconds += time.perf_counter() - epoch_start
             bar.close()
             evaluate_and_record()

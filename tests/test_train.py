@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from gonjax import train, zoo
+from gonjax import train, xla, zoo
+from gonjax.data import input_pipeline
 from gonjax.config import Config
 from gonjax.errors import DivergedError, UsageError
 
@@ -74,10 +75,13 @@ def test_resumed_run_reproduces_an_uninterrupted_one(shared_data, tfds_dir, tmp_
     straight = train.train_and_evaluate(_config(shared_data, tfds_dir, epochs=3, max_steps=30), tmp_path / "a")
     train.train_and_evaluate(_config(shared_data, tfds_dir, epochs=3, max_steps=11), tmp_path / "b")
     resumed = train.train_and_evaluate(_config(shared_data, tfds_dir, epochs=3, max_steps=30), tmp_path / "b")
-    strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k} for r in rs]
+    timing = ("seconds", "per_s", "mean_step_loss")  # wall times, and a step-loss mean summed in other groups
+    strip = lambda rs: [{k: v for k, v in r.items() if not any(t in k for t in timing)} for r in rs]
     assert [r["step"] for r in resumed] == [0, 11, 18, 30]
     assert [r["step"] for r in straight] == [0, 18, 30]
     assert strip(resumed)[2:] == strip(straight)[1:]  # bit-identical metrics after the interruption
+    for a, b in zip(resumed[2:], straight[1:]):  # the epoch's step losses, before and after the interruption
+        assert a["mean_step_loss"] == pytest.approx(b["mean_step_loss"], rel=1e-6)
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0, 11, 18, 30]
 
@@ -138,3 +142,32 @@ def test_cpu_compiler_options_keep_ynnpack_to_dots_and_compile():
     assert xla.compiler_options("gpu") is None
     a = np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(xla.jit(lambda x: x @ x)(a)), a @ a, rtol=1e-5, atol=1e-5)
+
+
+def test_training_windows_record_the_step_losses(shared_data, tfds_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "LOG_EVERY", 5)
+    config = _config(shared_data, tfds_dir, epochs=2)
+    records = train.train_and_evaluate(config, tmp_path / "run")
+    windows = [json.loads(line) for line in (tmp_path / "run" / "train_metrics.jsonl").read_text().splitlines()]
+    ends = [5, 10, 15, 18, 20, 25, 30, 35, 36]  # every 5th step, and each epoch's end (18 steps)
+    assert [w["step"] for w in windows] == ends
+    assert [w["steps"] for w in windows] == [5, 5, 5, 3, 2, 5, 5, 5, 1]
+    assert all(w["images_per_s"] == pytest.approx(64 * w["steps_per_s"], rel=1e-3) for w in windows)
+
+    # Replay the run's steps here and average their losses: the record's per-epoch mean and the windows agree.
+    data = input_pipeline.load_dataset("coil20", 32, data_dir=config.data_dir)
+    model = zoo.build_model(config, nc=1)
+    optimizer = train.make_optimizer(config)
+    init_rng, train_rng, _, _ = jax.random.split(jax.random.PRNGKey(config.seed), 4)
+    state = train.create_train_state(model, optimizer, init_rng, jnp.asarray(data.train[:64]))
+    step_fn = xla.jit(train.make_train_step(model, optimizer))  # compiled as the trainer compiles it
+    losses = []
+    for epoch in range(2):
+        for batch in input_pipeline.train_batches(data.train, 64, config.seed, epoch):
+            state, metrics = step_fn(state, jnp.asarray(batch), train_rng)
+            losses.append(float(metrics["loss"]))
+    np.testing.assert_allclose([w["train_loss"] for w in windows],
+                               [np.mean(losses[a:b]) for a, b in zip([0] + ends[:-1], ends)], rtol=1e-5)
+    assert records[1]["mean_step_loss"] == pytest.approx(np.mean(losses[:18]), rel=1e-5)
+    assert records[2]["mean_step_loss"] == pytest.approx(np.mean(losses[18:]), rel=1e-5)
+    assert "mean_step_loss" not in records[0] and records[2]["steps_per_s"] > 0
