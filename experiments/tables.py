@@ -13,6 +13,7 @@ is rewritten: RESULTS/TABLES.md, RESULTS/results.json and the figures (gonjax.re
 from __future__ import annotations
 
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def run_cells(cells, results_dir: Path, max_epochs, data_flags: dict, write_repo
 
 def dry_run(cells, results_dir: Path, max_epochs) -> None:
     """Print the plan: every job with its epochs, how far it is, and the hours left at this machine's speed
-    (the run's own seconds per epoch once it has some, else a short measurement of its steps)."""
+    (the median of the run's last ten epochs once it has some, else a short measurement of its steps)."""
     from gonjax.train import time_steps
 
     timings: dict = {}
@@ -116,9 +117,10 @@ def dry_run(cells, results_dir: Path, max_epochs) -> None:
     for cell, folder, target in _jobs(cells, max_epochs):
         records = results.epoch_records(results.read_records(results_dir / folder), target)
         done = int(records[-1]["epoch"]) if records else 0
-        if done >= 1:
-            seconds = records[-1]["seconds"] + sum(r["eval_seconds"] for r in records[1:])
-            per_epoch, how = seconds / done, "measured in the run"
+        if done >= 1:  # the median epoch (training and evaluation) of the run's last ten
+            recent = [(b["seconds"] - a["seconds"] + b["eval_seconds"]) / (b["epoch"] - a["epoch"])
+                      for a, b in zip(records[-11:], records[-10:])]
+            per_epoch, how = statistics.median(recent), "measured in the run"
         else:
             config = cell.config()
             key = (results.run_key(cell), cell.dataset)
