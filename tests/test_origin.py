@@ -105,14 +105,18 @@ def test_detached_gon_loses_exactly_the_second_order_term():
         detached = build_model(Config(ngf=NGF, nz=NZ, detach=True), nc=1)
 
         def grads(model):
-            return jax.grad(lambda p: model.apply(p, batch_stats, images, jax.random.PRNGKey(0))[0])(params)
+            return jax.jit(jax.grad(lambda p: model.apply(p, batch_stats, images, jax.random.PRNGKey(0))[0]))(params)
+
+        @jax.jit  # compiled, as the trainer runs it (eager float64 dispatch is what made this test slow)
+        def terms(params):
+            # d/dp' L(p, z(p')) at p' = p: the term that flows through the latent, computed on its own.
+            z = latent(params)
+            _, pullback = jax.vjp(latent, params)
+            through_latent, = pullback(jax.grad(loss_at, argnums=1)(params, z))
+            return through_latent, jax.grad(loss_at, argnums=0)(params, jax.lax.stop_gradient(z))
 
         g_full, g_detached = grads(full), grads(detached)
-        # d/dp' L(p, z(p')) at p' = p: the term that flows through the latent, computed on its own.
-        z = latent(params)
-        _, pullback = jax.vjp(latent, params)
-        through_latent, = pullback(jax.grad(loss_at, argnums=1)(params, z))
-        direct = jax.grad(loss_at, argnums=0)(params, jax.lax.stop_gradient(z))
+        through_latent, direct = terms(params)
         for a, b, c, d in zip(*(jax.tree_util.tree_leaves(t) for t in (g_full, g_detached, through_latent, direct))):
             np.testing.assert_allclose(np.asarray(b), np.asarray(d), rtol=1e-10, atol=1e-14)
             np.testing.assert_allclose(np.asarray(a), np.asarray(d + c), rtol=1e-10, atol=1e-14)

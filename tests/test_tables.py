@@ -67,6 +67,10 @@ def test_suite_runs_survives_missing_data_and_resumes_after_a_kill(shared_data, 
 
 def test_dry_run_lists_cells_with_hours_and_trains_nothing(tmp_path):
     out = tmp_path / "results"
+    started = out / "table3/vae_8_256/coil20/seed0"  # a started run: its speed comes from its own records
+    started.mkdir(parents=True)
+    (started / "metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": e, "step": 18 * e, "seconds": 2.0 * e, "eval_seconds": 0.5}) + "\n" for e in range(13)))
     run = run_main("tables", "--dry-run", "--table", "1", "--table", "3", "--datasets", "coil20", "--rows",
                    "gon,vae_8_256", "--results", out)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -74,10 +78,11 @@ def test_dry_run_lists_cells_with_hours_and_trains_nothing(tmp_path):
     lines = {line.split()[0]: line.split() for line in stdout.splitlines()[1:-1]}
     assert set(lines) == {"table1/gon/coil20/seed0", "table3/vae_8_256/coil20/seed0"}
     assert lines["table1/gon/coil20/seed0"][1:3] == ["500/500", "0"]
-    assert lines["table3/vae_8_256/coil20/seed0"][1] == "1000/1000"
-    assert all(float(line[4]) > 0 for line in lines.values())  # hours left, from a timed step
+    assert float(lines["table1/gon/coil20/seed0"][4]) > 0 and lines["table1/gon/coil20/seed0"][5] == "from"
+    # 12 of 1000 epochs done at 2.5 s each: 988 * 2.5 s left.
+    assert lines["table3/vae_8_256/coil20/seed0"][1:5] == ["1000/1000", "12", "2.5", f"{988 * 2.5 / 3600:.2f}"]
     assert "2 cells, 2 runs" in stdout.splitlines()[-1]
-    assert not out.exists()
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["metrics.jsonl"]  # nothing written
 
 
 @pytest.mark.parametrize("args, fragment", [
