@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import logging
 import signal
+import threading
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -96,14 +97,23 @@ def default_workdir(config: Config) -> Path:
     return path
 
 
+# Set by Ctrl-C and SIGTERM. The handler also raises KeyboardInterrupt at once, but Python drops an exception
+# raised while a finalizer or callback runs ("Exception ignored in ..."), so the trainer polls this between
+# steps too (train_and_evaluate's should_stop) and a stop is never lost.
+STOP = threading.Event()
+
+
 def _interrupt(signum, frame):
+    STOP.set()
     raise KeyboardInterrupt
 
 
 def report_errors(prog: str, action: Callable[[], object]) -> int:
     """Run `action`; a user error becomes one line on stderr and exit code 1, Ctrl-C exit code 130."""
     logging.getLogger("absl").setLevel(logging.ERROR)  # TFDS's informational warnings; errors still show
-    signal.signal(signal.SIGTERM, _interrupt)  # a killed job stops like Ctrl-C; checkpoints stay whole
+    STOP.clear()
+    signals = (signal.SIGINT, signal.SIGTERM)  # a killed job stops like Ctrl-C; checkpoints stay whole
+    previous = {signum: signal.signal(signum, _interrupt) for signum in signals}
     try:
         action()
     except GonjaxError as error:
@@ -112,6 +122,9 @@ def report_errors(prog: str, action: Callable[[], object]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted (a training run resumes when rerun with the same --workdir)", file=sys.stderr)
         return 130
+    finally:  # as they were (matters when a CLI's main runs inside another program, e.g. the tests)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
 
 
@@ -126,10 +139,10 @@ def run(model: str, description: str, argv: Sequence[str] | None,
         workdir = Path(args.workdir) if args.workdir else default_workdir(config)
         if args.seeds is None:
             print(f"{prog}: writing to {workdir}", flush=True)
-            train(config, workdir)
+            train(config, workdir, should_stop=STOP.is_set)
             return
         for seed in args.seeds:  # each seed an ordinary run folder, resumable on its own
             print(f"{prog}: seed {seed}: writing to {workdir / f'seed{seed}'}", flush=True)
-            train(dataclasses.replace(config, seed=seed), workdir / f"seed{seed}")
+            train(dataclasses.replace(config, seed=seed), workdir / f"seed{seed}", should_stop=STOP.is_set)
 
     return report_errors(prog, start)

@@ -95,7 +95,8 @@ def run_cells(cells, results_dir: Path, max_epochs, data_flags: dict, write_repo
             status["datasets"].pop(cell.dataset, None)
         print(f"{where}: training to epoch {target}/{cell.schedule_epochs} (at {done})", flush=True)
         try:
-            train_and_evaluate(cell.config(epochs=target, **data_flags), results_dir / folder)
+            train_and_evaluate(cell.config(epochs=target, **data_flags), results_dir / folder,
+                               should_stop=cli.STOP.is_set)
             status["runs"].pop(str(folder), None)
         except (DivergedError, UsageError, DataError) as error:
             print(f"{PROG}: {folder}: {error}", file=sys.stderr, flush=True)

@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -268,10 +269,12 @@ def _epoch_label(step: int, steps_per_epoch: int) -> int | float:
     return int(epoch) if step % steps_per_epoch == 0 else round(epoch, 4)
 
 
-def train_and_evaluate(config: Config, workdir) -> list[dict]:
+def train_and_evaluate(config: Config, workdir, should_stop: Callable[[], bool] | None = None) -> list[dict]:
     """Train `config.model` on `config.dataset`, evaluating before training and after every epoch.
 
-    Returns the metric records of the whole run (also in workdir/metrics.jsonl).
+    `should_stop`, polled before every training step, stops the run with KeyboardInterrupt when it returns True
+    (the CLIs pass their Ctrl-C / SIGTERM flag). Returns the metric records of the whole run (also in
+    workdir/metrics.jsonl).
     """
     config.validate()
     run = RunDir(Path(workdir), config)
@@ -379,6 +382,8 @@ def train_and_evaluate(config: Config, workdir) -> list[dict]:
             epoch_start = time.perf_counter()
             meter.restart()
             for batch in islice(batches, count):
+                if should_stop is not None and should_stop():
+                    raise KeyboardInterrupt
                 state, metrics = train_step(state, batch, train_rng)
                 meter.add(metrics["loss"])
                 step += 1

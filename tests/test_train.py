@@ -171,3 +171,21 @@ def test_training_windows_record_the_step_losses(shared_data, tfds_dir, tmp_path
     assert records[1]["mean_step_loss"] == pytest.approx(np.mean(losses[:18]), rel=1e-5)
     assert records[2]["mean_step_loss"] == pytest.approx(np.mean(losses[18:]), rel=1e-5)
     assert "mean_step_loss" not in records[0] and records[2]["steps_per_s"] > 0
+
+
+def test_a_stop_request_is_honoured_between_steps(shared_data, tfds_dir, tmp_path):
+    """The CLIs' Ctrl-C / SIGTERM flag: even if the signal's own exception is lost, the run stops at the next
+    step, keeping its last checkpoint, and resumes from it."""
+    polls = []
+
+    def should_stop():
+        polls.append(1)
+        return len(polls) > 25  # during the second epoch (18 steps each)
+
+    config = _config(shared_data, tfds_dir, epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(config, tmp_path / "run", should_stop=should_stop)
+    assert len(polls) == 26
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 18]
+    assert [r["step"] for r in train.train_and_evaluate(config, tmp_path / "run")] == [0, 18, 36, 54]
