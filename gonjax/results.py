@@ -474,15 +474,18 @@ def write_report(cells: Sequence[Cell], results: Path, out: Path | None = None, 
 
 
 def copy_pictures(summaries: Sequence[Summary], results: Path, out: Path) -> list[Path]:
-    """The run's own pictures at each table cell's epoch (first seed): test images beside their reconstructions,
-    and prior samples where the model has them, copied to out/pictures/<table>_<row>_<dataset>[_samples].png."""
+    """The run's own pictures at each table cell's epoch, or the latest drawn before it (first seed): test images
+    beside their reconstructions, and prior samples where the model has them, copied to
+    out/pictures/<table>_<row>_<dataset>[_samples].png."""
     copied = []
     for summary in summaries:
         if summary.epoch is None or summary.row.table == "ablations":
             continue
         run = Path(results) / summary.results[0].run
         for kind, suffix in (("recon", ""), ("samples", "_samples")):
-            source = run / f"{kind}_{summary.epoch}.png"
+            drawn = [int(p.stem.split("_")[1]) for p in run.glob(f"{kind}_*.png") if p.stem.split("_")[1].isdigit()]
+            drawn = [epoch for epoch in drawn if epoch <= summary.epoch]  # runs draw at some epochs only
+            source = run / f"{kind}_{max(drawn, default=summary.epoch)}.png"
             if source.is_file():
                 target = out / "pictures" / f"{summary.row.table}_{summary.row.name}_{summary.dataset}{suffix}.png"
                 target.parent.mkdir(exist_ok=True)

@@ -5,7 +5,8 @@
   data.json        how the dataset was prepared (TFDS builder, version, split sizes, split seed)
   metrics.jsonl    one JSON object per evaluation (before training, after every epoch, at --max-steps)
   train_metrics.jsonl  the training loss averaged over windows of LOG_EVERY steps, with steps/s and images/s
-  recon_<E>.png    first 64 test images beside their reconstructions after epoch E (recon_step<N>.png mid-epoch)
+  recon_<E>.png    first 64 test images beside their reconstructions after epoch E (draws_pictures says which
+                   epochs; recon_step<N>.png for a stop mid-epoch)
   samples_<E>.png  64 images decoded from the prior, for models that have one (V-GON, VAE)
   curves.png       train/test SSE per image against epoch
   checkpoints/     orbax checkpoints of step, params, BN state and optimizer state, after every evaluation
@@ -264,6 +265,15 @@ def load_run(workdir) -> tuple[Config, Model, TrainState, dict]:
     return config, model, state, data_info
 
 
+def draws_pictures(epoch: int | float, last: bool) -> bool:
+    """Whether the evaluation after `epoch` draws reconstructions (and samples): epochs 0-10, every 10th up to
+    100, every 50th after that, the run's last evaluation and any stop in the middle of an epoch. (A picture
+    every epoch made long COIL-20 runs spend more time drawing than training, and 200 MB of PNGs.)"""
+    if last or not float(epoch).is_integer():
+        return True
+    return epoch <= 10 or (epoch <= 100 and epoch % 10 == 0) or epoch % 50 == 0
+
+
 def _epoch_label(step: int, steps_per_epoch: int) -> int | float:
     epoch = step / steps_per_epoch
     return int(epoch) if step % steps_per_epoch == 0 else round(epoch, 4)
@@ -341,12 +351,14 @@ def train_and_evaluate(config: Config, workdir, should_stop: Callable[[], bool] 
                                 "lower --lr or check the data")
         run.append_metrics(record)
         records.append(record)
-        suffix = f"{record['epoch']}" if isinstance(record["epoch"], int) else f"step{step}"
-        plots.save_reconstructions(run.path / f"recon_{suffix}.png", *pictures, title=f"(epoch {record['epoch']})")
-        if sample is not None:
-            samples = sample(state.params, state.batch_stats, jax.random.fold_in(sample_rng, step), 64)
-            plots.save_grids(run.path / f"samples_{suffix}.png", [plots.image_grid(np.asarray(samples))],
-                             [f"samples from the prior (epoch {record['epoch']})"])
+        if draws_pictures(record["epoch"], last=step >= total_steps):
+            suffix = f"{record['epoch']}" if isinstance(record["epoch"], int) else f"step{step}"
+            plots.save_reconstructions(run.path / f"recon_{suffix}.png", *pictures,
+                                       title=f"(epoch {record['epoch']})")
+            if sample is not None:
+                samples = sample(state.params, state.batch_stats, jax.random.fold_in(sample_rng, step), 64)
+                plots.save_grids(run.path / f"samples_{suffix}.png", [plots.image_grid(np.asarray(samples))],
+                                 [f"samples from the prior (epoch {record['epoch']})"])
         metric = model.table_metric
         plots.save_curves(run.path / "curves.png", records, metric, "SSE / image" if metric == "sse" else "MSE",
                           windows)

@@ -157,10 +157,13 @@ def test_write_report_files(fixture_results, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     for epoch in (250, 500):  # the report copies the run's picture at the cell's epoch
         (fixture_results / f"table1/gon/coil20/seed0/recon_{epoch}.png").write_bytes(b"epoch %d" % epoch)
+    for epoch in (150, 200, 250):  # ... or the latest drawn before it (the AE cell is at epoch 212)
+        (fixture_results / f"table1/ae/coil20/seed0/recon_{epoch}.png").write_bytes(b"epoch %d" % epoch)
     cells = results.plan(["table1", "ablations"], ["coil20", "cifar10", "mnist"], ["gon", "ae", "elu", "relu"])
     results.write_report(cells, fixture_results, out)
-    assert [p.name for p in (out / "pictures").iterdir()] == ["table1_gon_coil20.png"]
+    assert sorted(p.name for p in (out / "pictures").iterdir()) == ["table1_ae_coil20.png", "table1_gon_coil20.png"]
     assert (out / "pictures/table1_gon_coil20.png").read_bytes() == b"epoch 500"
+    assert (out / "pictures/table1_ae_coil20.png").read_bytes() == b"epoch 200"
     document = json.loads((out / "results.json").read_text())
     entries = {(c["row"], c["dataset"], c["seed"]): c for c in document["cells"]}
     assert len(entries) == len(document["cells"]) == 10  # 8 planned cells, and seeds 1 and 2 found on disk

@@ -189,3 +189,9 @@ def test_a_stop_request_is_honoured_between_steps(shared_data, tfds_dir, tmp_pat
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 18]
     assert [r["step"] for r in train.train_and_evaluate(config, tmp_path / "run")] == [0, 18, 36, 54]
+
+
+def test_pictures_are_drawn_at_a_sparse_schedule_of_epochs():
+    drawn = [e for e in range(0, 501) if train.draws_pictures(e, last=e == 437)]
+    assert drawn == [*range(11), 20, 30, 40, 50, 60, 70, 80, 90, 100, 150, 200, 250, 300, 350, 400, 437, 450, 500]
+    assert train.draws_pictures(3.5, last=False)  # a stop in the middle of an epoch
