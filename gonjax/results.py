@@ -422,9 +422,10 @@ def report_markdown(summaries: Sequence[Summary], max_epochs: int | None, comman
             lines += _ablation_markdown(summaries)
         else:
             lines += _table_markdown(table, summaries)
-            lines += ["", f"Figure: `{table}.png` (test metric against epoch; J's final value marked). Each "
-                      f"started cell's test images beside their reconstructions at the epoch shown (and prior "
-                      f"samples for the variational models): `pictures/{table}_<row>_<dataset>.png`."]
+            if any(s.row.table == table and s.epoch is not None for s in summaries):
+                lines += ["", f"Figure: `{table}.png` (test metric against epoch; J's final value marked). "
+                          f"Each started cell's test images beside their reconstructions at the epoch shown (and "
+                          f"prior samples for the variational models): `pictures/{table}_<row>_<dataset>.png`."]
     far = [s for s in summaries
            if s.status == "finished" and s.difference() and max(map(abs, s.difference())) > DIFFERENCE_FLAG]
     if far:
