@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from gonjax.catalog import DATASETS
@@ -99,6 +100,12 @@ class Config:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if self.batch_size < 2:
             raise UsageError("--batch-size must be at least 2: batch norm needs two images per batch")
+        for name in ("lr", "latent_sigma", "kl_weight", "lr_drop_to"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        if not 0 <= self.seed < 2**63:
+            raise UsageError(f"--seed must be an integer from 0 to 2**63 - 1, got {self.seed}")
         if not self.lr > 0:
             raise UsageError(f"--lr must be positive, got {self.lr}")
         if self.latent_sigma < 0:

@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from gonjax import plots, xla
+from gonjax.catalog import SPLIT_SIZES
 from gonjax.config import Config
 from gonjax.data import input_pipeline
 from gonjax.errors import DivergedError, UsageError
@@ -193,9 +194,16 @@ class RunDir:
         file = self.path / name
         if not file.exists():
             return []
-        records = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        lines = [line for line in file.read_text().splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number < len(lines):  # only a crash in the middle of a write leaves a torn line, the last
+                    raise UsageError(f"{file} line {number} is not JSON; repair or remove that line") from None
         kept = [r for r in records if r["step"] <= up_to_step]
-        if len(kept) != len(records):
+        if len(kept) != len(lines):  # rows past the checkpoint, or a torn last line: rewritten without them
             self.write_text(name, "".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
@@ -265,6 +273,12 @@ def load_run(workdir) -> tuple[Config, Model, TrainState, dict]:
     return config, model, state, data_info
 
 
+def _check_batch_size(config: Config, train_images: int, test_images: int) -> None:
+    if config.batch_size > min(train_images, test_images):
+        raise UsageError(f"--batch-size {config.batch_size} is larger than a split of {config.dataset} "
+                         f"({train_images} train / {test_images} test images)")
+
+
 def draws_pictures(epoch: int | float, last: bool) -> bool:
     """Whether the evaluation after `epoch` draws reconstructions (and samples): epochs 0-10, every 10th up to
     100, every 50th after that, the run's last evaluation and any stop in the middle of an epoch. (A picture
@@ -287,16 +301,15 @@ def train_and_evaluate(config: Config, workdir, should_stop: Callable[[], bool] 
     workdir/metrics.jsonl).
     """
     config.validate()
+    _check_batch_size(config, *SPLIT_SIZES[config.dataset])  # before the run folder is claimed: no debris
     run = RunDir(Path(workdir), config)
 
     model = build_model(config, input_pipeline.CHANNELS[config.dataset])
     data = input_pipeline.load_dataset(config.dataset, image_size=model.image_size, data_dir=config.data_dir,
                                        manual_dir=config.manual_dir)
     run.write_text("data.json", json.dumps(data.info, indent=2) + "\n")
+    _check_batch_size(config, len(data.train), len(data.test))  # the files read (e.g. a small CIFAR-10 folder)
     steps_per_epoch = input_pipeline.num_batches(len(data.train), config.batch_size)
-    if steps_per_epoch == 0 or input_pipeline.num_batches(len(data.test), config.batch_size) == 0:
-        raise UsageError(f"--batch-size {config.batch_size} is larger than a split of {config.dataset} "
-                         f"({len(data.train)} train / {len(data.test)} test images)")
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
@@ -323,6 +336,10 @@ def train_and_evaluate(config: Config, workdir, should_stop: Callable[[], bool] 
         return records
     if step:
         print(f"{run.path}: resuming from step {step}", flush=True)
+        if not records or records[0]["step"] != 0:
+            print(f"{run.path}: metrics.jsonl has no rows before step {records[0]['step'] if records else step}; "
+                  "they cannot be recovered (only the latest checkpoints are kept), so the table starts there",
+                  file=sys.stderr, flush=True)
 
     train_seconds = records[-1]["seconds"] if records else 0.0
 
@@ -362,7 +379,8 @@ def train_and_evaluate(config: Config, workdir, should_stop: Callable[[], bool] 
         metric = model.table_metric
         plots.save_curves(run.path / "curves.png", records, metric, "SSE / image" if metric == "sse" else "MSE",
                           windows)
-        manager.save(step, args=ocp.args.StandardSave(_state_dict(state)), force=True)
+        if step not in manager.all_steps():  # already saved when metrics.jsonl lost this row
+            manager.save(step, args=ocp.args.StandardSave(_state_dict(state)), force=True)
         print(f"epoch {record['epoch']} step {step}: train {metric} {record[f'train_{metric}']:.6g} "
               f"test {metric} {record[f'test_{metric}']:.6g} loss {record['train_loss']:.6g}/"
               f"{record['test_loss']:.6g} ({record['eval_seconds']:.1f}s eval)", flush=True)

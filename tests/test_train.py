@@ -1,5 +1,6 @@
 """The trainer: compile once, resume exactly, refuse to touch other runs, stop on divergence."""
 import json
+import re
 
 import chex
 import jax
@@ -195,3 +196,32 @@ def test_pictures_are_drawn_at_a_sparse_schedule_of_epochs():
     drawn = [e for e in range(0, 501) if train.draws_pictures(e, last=e == 437)]
     assert drawn == [*range(11), 20, 30, 40, 50, 60, 70, 80, 90, 100, 150, 200, 250, 300, 350, 400, 437, 450, 500]
     assert train.draws_pictures(3.5, last=False)  # a stop in the middle of an epoch
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"batch_size": 300}, "--batch-size 300 is larger than a split of coil20 (1152 train / 288 test images)"),
+    ({"latent_sigma": float("nan")}, "--latent-sigma must be a finite number"),
+    ({"lr": float("inf")}, "--lr must be a finite number"),
+    ({"seed": -1}, "--seed must be an integer from 0"),
+    ({"seed": 2**64}, "--seed must be an integer from 0"),
+])
+def test_bad_settings_fail_before_the_run_folder_is_claimed(overrides, fragment, tmp_path):
+    with pytest.raises(UsageError, match=re.escape(fragment)):
+        train.train_and_evaluate(Config(**{**TINY, **overrides}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing left that would block the corrected rerun
+
+
+def test_torn_or_missing_metrics_rows_are_survived(shared_data, tfds_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    train.train_and_evaluate(_config(shared_data, tfds_dir, max_steps=2), run)
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"epoch": 0.2, "st')  # a crash in the middle of a write
+    records = train.train_and_evaluate(_config(shared_data, tfds_dir, max_steps=3), run)
+    assert [r["step"] for r in records] == [0, 2, 3]
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [0, 2, 3]
+
+    metrics.unlink()  # lost altogether: training goes on from the checkpoint and says what cannot be recovered
+    capsys.readouterr()
+    records = train.train_and_evaluate(_config(shared_data, tfds_dir, max_steps=4), run)
+    assert [r["step"] for r in records] == [3, 4]
+    assert "no rows before step 3" in capsys.readouterr().err
