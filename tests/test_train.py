@@ -176,7 +176,7 @@ def test_training_windows_record_the_step_losses(shared_data, tfds_dir, tmp_path
 
 def test_a_stop_request_is_honoured_between_steps(shared_data, tfds_dir, tmp_path):
     """The CLIs' Ctrl-C / SIGTERM flag: even if the signal's own exception is lost, the run stops at the next
-    step, keeping its last checkpoint, and resumes from it."""
+    step, keeping its last checkpoint (resuming from it is test_resumed_run_reproduces_an_uninterrupted_one)."""
     polls = []
 
     def should_stop():
@@ -189,7 +189,7 @@ def test_a_stop_request_is_honoured_between_steps(shared_data, tfds_dir, tmp_pat
     assert len(polls) == 26
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 18]
-    assert [r["step"] for r in train.train_and_evaluate(config, tmp_path / "run")] == [0, 18, 36, 54]
+    assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [0, 18]
 
 
 def test_pictures_are_drawn_at_a_sparse_schedule_of_epochs():
