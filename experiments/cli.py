@@ -129,8 +129,8 @@ def report_errors(prog: str, action: Callable[[], object]) -> int:
 
 
 def run(model: str, description: str, argv: Sequence[str] | None,
-        train: Callable[[Config, Path], object]) -> int:
-    """Parse flags and run `train(config, workdir)` for `model`."""
+        train: Callable[..., object]) -> int:
+    """Parse flags and run `train(config, workdir, should_stop=...)` for `model` (once per seed of --seeds)."""
     prog = f"python -m experiments.{model}"
     args = build_parser(prog, description, model).parse_args(argv)
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import statistics
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from gonjax import files
 from gonjax.catalog import DATASETS
 from gonjax.config import Config
 from gonjax.errors import UsageError
@@ -174,17 +174,8 @@ def run_folder(cell: Cell) -> Path:
 # ---------------------------------------------------------------------------------------------------- reading runs
 
 def read_records(run: Path) -> list[dict]:
-    """The metric records of a run folder in step order ([] when it has none); a torn last line (a crash in the
-    middle of a write) is ignored."""
-    file = Path(run) / "metrics.jsonl"
-    if not file.is_file():
-        return []
-    records = []
-    for line in file.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+    """The metric records of a run folder in step order ([] when it has none; a torn last line is ignored)."""
+    records, _ = files.read_jsonl(Path(run) / "metrics.jsonl")
     return sorted((r for r in records if isinstance(r, dict) and "step" in r), key=lambda r: r["step"])
 
 
@@ -201,7 +192,7 @@ def read_status(results: Path) -> dict:
 
 
 def write_status(results: Path, status: dict) -> None:
-    _write_text(Path(results) / STATUS_FILE, json.dumps(status, indent=2, sort_keys=True) + "\n")
+    files.write_atomic(Path(results) / STATUS_FILE, json.dumps(status, indent=2, sort_keys=True) + "\n")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -442,12 +433,6 @@ def report_markdown(summaries: Sequence[Summary], max_epochs: int | None, comman
     return "\n".join(lines) + "\n"
 
 
-def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def write_report(cells: Sequence[Cell], results: Path, out: Path | None = None, max_epochs: int | None = None,
                  command: str = "python -m experiments.tables") -> list[CellResult]:
     """Read every cell under `results` and write TABLES.md, results.json and the figures into `out`
@@ -458,10 +443,10 @@ def write_report(cells: Sequence[Cell], results: Path, out: Path | None = None, 
     out.mkdir(parents=True, exist_ok=True)
     read = collect(cells, results, max_epochs)
     summaries = summarize(read)
-    _write_text(out / "TABLES.md", report_markdown(summaries, max_epochs, command))
+    files.write_atomic(out / "TABLES.md", report_markdown(summaries, max_epochs, command))
     document = {"max_epochs": max_epochs, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "cells": [r.as_json() for r in read]}
-    _write_text(out / "results.json", json.dumps(document, indent=1) + "\n")
+    files.write_atomic(out / "results.json", json.dumps(document, indent=1) + "\n")
     for table in ("table1", "table2", "table3"):
         mine = [r for r in read if r.cell.row.table == table and r.curve]
         if mine:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -33,7 +32,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from gonjax import plots, xla
+from gonjax import files, plots, xla
 from gonjax.catalog import SPLIT_SIZES
 from gonjax.config import Config
 from gonjax.data import input_pipeline
@@ -183,27 +182,14 @@ class RunDir:
                              "choose a writable folder") from None
 
     def write_text(self, name: str, text: str) -> None:
-        target = self.path / name
-        temporary = target.with_name(f".{name}.tmp")
-        temporary.write_text(text)
-        os.replace(temporary, target)
+        files.write_atomic(self.path / name, text)
 
     def read_metrics(self, up_to_step: int, name: str = "metrics.jsonl") -> list[dict]:
         """Records of a JSON-lines file up to `up_to_step`; later ones (written after the last checkpoint of an
         interrupted run) are dropped from the file."""
-        file = self.path / name
-        if not file.exists():
-            return []
-        lines = [line for line in file.read_text().splitlines() if line.strip()]
-        records = []
-        for number, line in enumerate(lines, 1):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                if number < len(lines):  # only a crash in the middle of a write leaves a torn line, the last
-                    raise UsageError(f"{file} line {number} is not JSON; repair or remove that line") from None
+        records, torn = files.read_jsonl(self.path / name)
         kept = [r for r in records if r["step"] <= up_to_step]
-        if len(kept) != len(lines):  # rows past the checkpoint, or a torn last line: rewritten without them
+        if torn or len(kept) != len(records):  # rows past the checkpoint or a torn last line: rewrite
             self.write_text(name, "".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
