@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
+import os
 import signal
 import threading
 import sys
@@ -97,15 +99,18 @@ def default_workdir(config: Config) -> Path:
     return path
 
 
-# Set by Ctrl-C and SIGTERM. The handler also raises KeyboardInterrupt at once, but Python drops an exception
-# raised while a finalizer or callback runs ("Exception ignored in ..."), so the trainer polls this between
-# steps too (train_and_evaluate's should_stop) and a stop is never lost.
+# Set by the first Ctrl-C or SIGTERM; the work polls it at safe points (before every training step, between
+# evaluation and rendering batches) and stops there with KeyboardInterrupt. The handler does not raise itself:
+# an exception raised at an arbitrary bytecode, e.g. inside JAX's compilation, left XLA objects that crashed
+# the interpreter at exit (a segfault after the "interrupted" line). A second signal raises at once.
 STOP = threading.Event()
 
 
-def _interrupt(signum, frame):
+def _request_stop(signum, frame):
+    if STOP.is_set():
+        raise KeyboardInterrupt
     STOP.set()
-    raise KeyboardInterrupt
+    os.write(2, b"stopping at the next safe point (a second Ctrl-C stops at once)\n")
 
 
 def report_errors(prog: str, action: Callable[[], object]) -> int:
@@ -113,11 +118,17 @@ def report_errors(prog: str, action: Callable[[], object]) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)  # TFDS's informational warnings; errors still show
     STOP.clear()
     signals = (signal.SIGINT, signal.SIGTERM)  # a killed job stops like Ctrl-C; checkpoints stay whole
-    previous = {signum: signal.signal(signum, _interrupt) for signum in signals}
+    previous = {signum: signal.signal(signum, _request_stop) for signum in signals}
     try:
         action()
     except GonjaxError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"{prog}: error: no space left on the disk writing {error.filename or 'a file'}; free some space "
+              "and rerun (a training run resumes from its last checkpoint)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted (a training run resumes when rerun with the same --workdir)", file=sys.stderr)

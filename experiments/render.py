@@ -1,20 +1,30 @@
 """Render from a trained Implicit GON: super-resolution grids, an 8x8 slerp grid and 8x8 samples.
 
     python -m experiments.render --workdir RUN --resolution 256
+
+Writes a new folder (never an existing one; it appears only when complete): superres.png (test images beside
+renders at the native size, 64 and min(resolution, 256)), superres_<resolution>.png (the renders at the full
+resolution, pixel for pixel), slerp.png and samples.png.
 """
 from __future__ import annotations
 
+import math
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from experiments.cli import OneLineParser, report_errors
-from gonjax import plots, render, xla
+from experiments.cli import STOP, OneLineParser, report_errors
+from gonjax import plots, render, resources, xla
 from gonjax.data import input_pipeline
 from gonjax.errors import UsageError
 from gonjax.train import load_run
+
+FIGURE_SIDE = 256  # the largest resolution drawn in the titled superres.png figure
 
 
 def main(argv=None) -> int:
@@ -29,7 +39,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def draw():
-        config, model, state, _ = load_run(args.workdir)
+        config, model, state, data_info = load_run(args.workdir)
         if model.render is None:
             raise UsageError(f"{config.run_name} is not a function of coordinates; render needs an Implicit GON run")
         if args.resolution < 2 or not 1 <= args.n <= config.batch_size:
@@ -37,36 +47,54 @@ def main(argv=None) -> int:
         out = args.out or Path(args.workdir) / f"render_{args.resolution}_seed{args.seed}"
         if out.exists():
             raise UsageError(f"{out} exists; choose another --out (results are never overwritten)")
+        bank = render.bank_latents(state, model)
+        if len(bank) < 2:
+            raise UsageError("the run has not trained long enough to fit a Gaussian to its latents; train it on")
+        columns = math.ceil(math.sqrt(args.n))
+        side = columns * (args.resolution + 1) + 1
+        channels = data_info["image_shape"][-1]
+        resources.require_memory(args.n * args.resolution**2 * channels * 4 + side**2 * channels,
+                                 f"--resolution {args.resolution} for --n {args.n} images",
+                                 "lower --resolution or --n")
+
         data = input_pipeline.load_dataset(config.dataset, model.image_size, config.data_dir, config.manual_dir)
-        if len(data.test) < config.batch_size:
-            raise UsageError(f"{config.dataset} has fewer test images than one batch")
         batch = data.test[:config.batch_size]  # latents as in evaluation: one batch of the run's batch size
         _, (_, output) = xla.jit(model.apply)(state.params, state.batch_stats, batch, jax.random.PRNGKey(0))
         latents = np.asarray(output.latent)
-        out.mkdir(parents=True)
-
-        size = model.image_size
-        sizes = [size, 64, args.resolution]
-        renders = [render.render(model, state.params, latents[:args.n], s) for s in sizes]
-        columns = int(np.ceil(np.sqrt(args.n)))
-        plots.save_grids(out / "superres.png",
-                         [plots.image_grid(batch[:args.n], columns)]
-                         + [plots.image_grid(render.clamp01(r), columns) for r in renders],
-                         ["test images"] + [f"{s}x{s}" for s in sizes], scale=1)
-        slerped = render.render(model, state.params, render.slerp_grid(latents).astype(np.float32), size)
-        plots.save_grids(out / "slerp.png", [plots.image_grid(render.clamp01(slerped))],
-                         ["slerp z_k -> z_(32+k) (columns), t = row / 7"])
-        bank = render.bank_latents(state, model)
-        if len(bank) < 2:
-            raise UsageError("the run has not trained long enough to fit a Gaussian to its latents")
-        mean, cov = render.fit_gaussian(bank)
-        drawn = render.sample_gaussian(mean, cov, 64, args.seed).astype(np.float32)
-        samples = render.render(model, state.params, drawn, size)
-        plots.save_grids(out / "samples.png", [plots.image_grid(render.clamp01(samples))],
-                         [f"samples from N(mean, cov) of {len(bank)} training latents"])
-        print(f"wrote {out}/superres.png, slerp.png, samples.png")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        try:
+            write_pictures(partial, model, state, batch, latents, bank, args)
+            os.rename(partial, out)  # the folder appears complete, or not at all
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        print(f"wrote {out}/superres.png, superres_{args.resolution}.png, slerp.png, samples.png")
 
     return report_errors(prog, draw)
+
+
+def write_pictures(folder: Path, model, state, batch, latents, bank, args) -> None:
+    def draw(latents, resolution):
+        return render.render(model, state.params, latents, resolution, should_stop=STOP.is_set)
+
+    size = model.image_size
+    columns = math.ceil(math.sqrt(args.n))
+    full = draw(latents[:args.n], args.resolution)
+    plots.save_image(folder / f"superres_{args.resolution}.png", plots.image_grid(full, columns))
+    sizes = list(dict.fromkeys([size, 64, min(args.resolution, FIGURE_SIDE)]))
+    renders = [full if s == args.resolution else draw(latents[:args.n], s) for s in sizes]
+    del full
+    plots.save_grids(folder / "superres.png",
+                     [plots.image_grid(batch[:args.n], columns)] + [plots.image_grid(r, columns) for r in renders],
+                     ["test images"] + [f"{s}x{s}" for s in sizes], scale=1)
+    slerped = draw(render.slerp_grid(latents).astype(np.float32), size)
+    plots.save_grids(folder / "slerp.png", [plots.image_grid(slerped)],
+                     ["slerp z_k -> z_(32+k) (columns), t = row / 7"])
+    mean, cov = render.fit_gaussian(bank)
+    samples = draw(render.sample_gaussian(mean, cov, 64, args.seed).astype(np.float32), size)
+    plots.save_grids(folder / "samples.png", [plots.image_grid(samples)],
+                     [f"samples from N(mean, cov) of {len(bank)} training latents"])
 
 
 if __name__ == "__main__":

@@ -6,33 +6,46 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from experiments.cli import OneLineParser, report_errors
-from gonjax import plots, xla
+from experiments.cli import STOP, OneLineParser, report_errors
+from gonjax import plots, resources, xla
 from gonjax.data import input_pipeline
-from gonjax.errors import UsageError
+from gonjax.errors import UsageError, stop_if_requested
 from gonjax.train import load_run, make_eval_step
 
 
-def reconstructions(config, model, state, n: int, seed: int):
-    """The first n test images and their reconstructions, evaluated in batches of the run's batch size (BN
-    statistics per batch, as in training)."""
+def reconstructions(config, model, state, n: int, seed: int, should_stop=None):
+    """The first n test images and their reconstructions (uint8), evaluated in batches of the run's batch size
+    (BN statistics per batch, as in training)."""
     data = input_pipeline.load_dataset(config.dataset, model.image_size, config.data_dir, config.manual_dir)
     count = math.ceil(n / config.batch_size) * config.batch_size
     if count > len(data.test):
         raise UsageError(f"--n {n} needs {count} test images; {config.dataset} has {len(data.test)}")
     eval_step = xla.jit(make_eval_step(model))
-    images, recons = [], []
+    recons = []
     for index, batch in enumerate(input_pipeline.eval_batches(data.test[:count], config.batch_size)):
+        stop_if_requested(should_stop)
         _, reconstruction = eval_step(state, batch, jax.random.fold_in(jax.random.PRNGKey(seed), index))
-        images.append(batch)
-        recons.append(np.asarray(reconstruction))
-    return np.concatenate(images)[:n], np.concatenate(recons)[:n]
+        recons.append(plots.to_uint8(reconstruction))
+    return data.test[:n], np.concatenate(recons)[:n]
+
+
+def samples(model, state, n: int, batch_size: int, seed: int, should_stop=None) -> np.ndarray:
+    """n images (uint8) from the prior, decoded in batches of the run's batch size (BN statistics per batch, as
+    in training), so memory stays bounded; batch k uses key fold_in(PRNGKey(seed), k)."""
+    draw = xla.jit(model.sample, static_argnums=3)
+    chunks = []
+    for index, first in enumerate(range(0, n, batch_size)):
+        stop_if_requested(should_stop)
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
+        chunks.append(plots.to_uint8(draw(state.params, state.batch_stats, key, batch_size))[:n - first])
+    return np.concatenate(chunks)
 
 
 def main(argv=None) -> int:
@@ -41,27 +54,39 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", required=True, help="a run folder written by one of the experiments")
     parser.add_argument("--kind", choices=["samples", "reconstructions"], default=None,
                         help="default: samples for V-GON / VAE, reconstructions otherwise")
-    parser.add_argument("--n", type=int, default=64, help="how many images (samples share one BN batch)")
+    parser.add_argument("--n", type=int, default=64, help="how many images (decoded in batches of the run's batch size)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="PNG to write (default: in the run folder)")
     args = parser.parse_args(argv)
 
     def draw():
-        if args.n < 2:
-            raise UsageError("--n must be at least 2 (batch norm needs two images)")
-        config, model, state, _ = load_run(args.workdir)
+        if args.n < 1:
+            raise UsageError("--n must be at least 1")
+        config, model, state, data_info = load_run(args.workdir)
         kind = args.kind or ("samples" if model.sample else "reconstructions")
         out = args.out or Path(args.workdir) / f"{kind}_seed{args.seed}_n{args.n}.png"
         if out.exists():
             raise UsageError(f"{out} exists; choose another --out (results are never overwritten)")
-        if kind == "samples":
-            if model.sample is None:
-                raise UsageError(f"{config.run_name} has no prior to sample from; use --kind reconstructions")
-            images = np.asarray(model.sample(state.params, state.batch_stats, jax.random.PRNGKey(args.seed), args.n))
-            plots.save_grids(out, [plots.image_grid(images)], [f"{config.run_name}: {args.n} samples"])
-        else:
-            plots.save_reconstructions(out, *reconstructions(config, model, state, args.n, args.seed),
-                                       title=f"({config.run_name}, step {int(state.step)})")
+        if not out.parent.is_dir():
+            raise UsageError(f"--out {out}: folder {out.parent} does not exist")
+        if kind == "samples" and model.sample is None:
+            raise UsageError(f"{config.run_name} has no prior to sample from; use --kind reconstructions")
+        pictures = 1 if kind == "samples" else 2  # image grids held at once, uint8, each about n images
+        resources.require_memory(3 * pictures * args.n * math.prod(data_info["image_shape"]),
+                                 f"--n {args.n}", "lower --n")
+        partial = out.with_name(f".{out.name}.partial.png")  # the PNG appears complete, or not at all
+        try:
+            if kind == "samples":
+                images = samples(model, state, args.n, config.batch_size, args.seed, STOP.is_set)
+                plots.save_grids(partial, [plots.image_grid(images, columns=max(8, math.isqrt(args.n)))],
+                                 [f"{config.run_name}: {args.n} samples"])
+            else:
+                plots.save_reconstructions(
+                    partial, *reconstructions(config, model, state, args.n, args.seed, STOP.is_set),
+                    title=f"({config.run_name}, step {int(state.step)})")
+            os.replace(partial, out)
+        finally:
+            partial.unlink(missing_ok=True)
         print(f"wrote {out}")
 
     return report_errors(prog, draw)

@@ -31,6 +31,13 @@ def model_defaults(model: str, dataset: str) -> dict:
     return defaults
 
 
+def _has_type(value, annotation: str) -> bool:
+    """Whether a JSON value fits a field annotated e.g. "int | None" (an int fits float; a bool fits only bool)."""
+    kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),)}
+    return any(isinstance(value, kinds[kind]) and (kind == "bool" or not isinstance(value, bool))
+               for kind in annotation.split(" | "))
+
+
 # Fields that may change when a run is resumed; every other field must match the saved config.json.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "data_dir", "manual_dir", "keep_checkpoints",
                                "deconv_impl", "origin_shortcut"})  # the same function computed another way
@@ -127,8 +134,18 @@ class Config:
 
     @classmethod
     def load(cls, path: Path) -> "Config":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = json.loads(Path(path).read_text())
+        """The Config saved in `path`, its types checked (a hand-edited `"nz": "256"` is a UsageError)."""
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UsageError(f"{path} is not readable JSON ({error}); repair it or choose another run") from None
+        if not isinstance(values, dict):
+            raise UsageError(f"{path} does not hold a JSON object; repair it or choose another run")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name, value in values.items():
+            if name in fields and not _has_type(value, fields[name].type):
+                raise UsageError(f"{path}: {name} is {value!r}, which is not {fields[name].type}; "
+                                 "repair config.json or choose another run")
         return cls(**{k: v for k, v in values.items() if k in fields})
 
     def differences(self, other: "Config") -> dict[str, tuple]:

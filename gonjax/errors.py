@@ -1,4 +1,8 @@
-"""Errors a user can fix. The CLIs print their message as one line and exit non-zero, without a traceback."""
+"""Errors a user can fix (the CLIs print their message as one line and exit non-zero, without a traceback), and
+the safe points where a requested stop (Ctrl-C, SIGTERM) is honoured."""
+from __future__ import annotations
+
+from collections.abc import Callable
 
 
 class GonjaxError(Exception):
@@ -15,3 +19,10 @@ class DataError(GonjaxError):
 
 class DivergedError(GonjaxError):
     """Training produced a non-finite loss."""
+
+
+def stop_if_requested(should_stop: Callable[[], bool] | None) -> None:
+    """A safe point: raise KeyboardInterrupt here when `should_stop()` says a stop was requested (the CLIs pass
+    their Ctrl-C / SIGTERM flag). Long loops (training, evaluation, rendering) call this between device calls."""
+    if should_stop is not None and should_stop():
+        raise KeyboardInterrupt

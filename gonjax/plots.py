@@ -12,30 +12,59 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def image_grid(images: np.ndarray, columns: int = 8, pad: int = 1, pad_value: float = 1.0) -> np.ndarray:
-    """NHWC images in [0, 1] tiled row-major into one (rows*(H+pad)+pad, ..., C) picture."""
-    images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
-    n, h, w, c = images.shape
+FIGURE_LIMIT = 4096  # pixels per side above which save_grids writes a plain PNG instead of a titled figure
+
+
+def to_uint8(images) -> np.ndarray:
+    """Images in [0, 1] (clipped) as uint8 0..255; uint8 images pass through."""
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return images
+    return np.round(np.clip(images.astype(np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, columns: int = 8, pad: int = 1) -> np.ndarray:
+    """NHWC images (floats in [0, 1], clipped, or uint8) tiled row-major into one uint8 picture of
+    (rows*(H+pad)+pad, columns*(W+pad)+pad, C) with white padding. Built image by image: memory is the grid's."""
+    n, h, w, c = np.shape(images)
     rows = math.ceil(n / columns)
-    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), pad_value, np.float32)
-    for i, image in enumerate(images):
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
+    for i in range(n):
         r, k = divmod(i, columns)
         top, left = pad + r * (h + pad), pad + k * (w + pad)
-        grid[top:top + h, left:left + w] = image
+        grid[top:top + h, left:left + w] = to_uint8(images[i])
     return grid
+
+
+def save_image(path: Path, grid: np.ndarray) -> None:
+    """One uint8 HWC picture as a PNG, pixel for pixel (Pillow; no figure, any size memory allows)."""
+    from PIL import Image
+
+    Image.fromarray(grid[:, :, 0] if grid.shape[-1] == 1 else grid).save(path)
 
 
 def save_grids(path: Path, grids: Sequence[np.ndarray], titles: Sequence[str], scale: int = 3) -> None:
     """Save image grids side by side, each in an equal panel with its title, the largest at `scale` screen pixels
-    per image pixel (smaller grids are drawn enlarged, without smoothing)."""
+    per image pixel (smaller grids are drawn enlarged, without smoothing). Grids too large for a figure
+    (FIGURE_LIMIT) are written side by side as one plain PNG, pixel for pixel and untitled."""
     dpi = 100  # every panel is as large as the largest grid at `scale`, so that one shows pixel for pixel
+    largest = max(max(g.shape[:2]) for g in grids)
+    if scale * largest > FIGURE_LIMIT:
+        scale = 1
+    if largest * len(grids) > FIGURE_LIMIT:
+        height = max(g.shape[0] for g in grids)
+        channels = max(g.shape[2] for g in grids)
+        panels = [np.pad(np.broadcast_to(g, (*g.shape[:2], channels)), ((0, height - g.shape[0]), (0, 1), (0, 0)),
+                         constant_values=255) for g in grids]
+        save_image(path, np.concatenate(panels, axis=1))
+        return
     panel_height = scale * max(g.shape[0] for g in grids) / dpi
     panel_width = scale * max(g.shape[1] for g in grids) / dpi
     fig, axes = plt.subplots(1, len(grids), squeeze=False,
                              figsize=(len(grids) * (panel_width + 0.2), panel_height + 0.4), dpi=dpi)
     for ax, grid, title in zip(axes[0], grids, titles):
         if grid.shape[-1] == 1:
-            ax.imshow(grid[:, :, 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.imshow(grid[:, :, 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         else:
             ax.imshow(grid, interpolation="nearest")
         ax.set_title(title, fontsize=9)

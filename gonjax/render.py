@@ -1,18 +1,40 @@
 """Rendering from a trained Implicit GON (GON-SPEC 2.4, 4.6): super-resolution, slerp, Gaussian sampling."""
 from __future__ import annotations
 
-import jax
+from collections.abc import Callable
+
+import jax.numpy as jnp
 import numpy as np
 
 from gonjax import xla
+from gonjax.errors import stop_if_requested
 
 
-def render(model, params, latents: jax.Array, resolution: int, images_per_call: int = 4) -> np.ndarray:
-    """Images at resolution x resolution from latents, a few images per call to bound memory."""
-    draw = xla.jit(model.render, static_argnums=2)
-    chunks = [np.asarray(draw(params, latents[i:i + images_per_call], resolution))
-              for i in range(0, latents.shape[0], images_per_call)]
-    return np.concatenate(chunks)
+def render(model, params, latents, resolution: int, pixels_per_call: int = 2**18,
+           should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+    """Images (n, R, R, C) decoded from latents on the R x R grid over [-1, 1]^2 (the training grid's square;
+    `models.coordinate_grid`'s coordinates for R = the native size), in the latents' dtype.
+
+    Each call decodes at most `pixels_per_call` pixels (a group of whole images, or a band of rows of one
+    image), so the SIREN's activations take bounded memory at any resolution; only the result grows with R.
+    `should_stop` is polled between calls.
+    """
+    n = latents.shape[0]
+    axis = np.asarray(jnp.linspace(-1.0, 1.0, resolution, dtype=latents.dtype))
+    images_per_call = max(1, min(n, pixels_per_call // resolution**2))
+    rows_per_call = resolution if images_per_call > 1 else max(1, min(resolution, pixels_per_call // resolution))
+    draw = xla.jit(model.render)
+    images = None
+    for first in range(0, n, images_per_call):
+        group = latents[first:first + images_per_call]
+        for top in range(0, resolution, rows_per_call):
+            stop_if_requested(should_stop)
+            rows, cols = np.meshgrid(axis[top:top + rows_per_call], axis, indexing="ij")
+            band = np.asarray(draw(params, group, np.stack([rows.ravel(), cols.ravel()], axis=-1)))
+            if images is None:
+                images = np.empty((n, resolution, resolution, band.shape[-1]), band.dtype)
+            images[first:first + len(group), top:top + len(rows)] = band.reshape(len(group), len(rows), resolution, -1)
+    return images
 
 
 def slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
@@ -49,9 +71,5 @@ def bank_latents(state, model) -> np.ndarray:
     bank = np.asarray(state.latent_bank)
     batches = min(int(state.step), model.latent_bank_batches)
     return bank[:batches * (bank.shape[0] // model.latent_bank_batches)]
-
-
-def clamp01(images) -> np.ndarray:
-    return np.clip(np.asarray(images), 0.0, 1.0)
 
 

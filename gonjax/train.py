@@ -10,13 +10,19 @@
   samples_<E>.png  64 images decoded from the prior, for models that have one (V-GON, VAE)
   curves.png       train/test SSE per image against epoch
   checkpoints/     orbax checkpoints of step, params, BN state and optimizer state, after every evaluation
+  damaged_checkpoints/  checkpoints found damaged on resume, set aside (the run resumed from an intact one)
+  .lock            held (flock) while a process works in the folder
 Rerunning on an unfinished workdir resumes from its latest checkpoint with the same data order and keys, so it
 reproduces an uninterrupted run; a finished one is left as it is.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -32,12 +38,17 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from gonjax import files, plots, xla
+from gonjax import files, plots, resources, xla
 from gonjax.catalog import SPLIT_SIZES
 from gonjax.config import Config
 from gonjax.data import input_pipeline
-from gonjax.errors import DivergedError, UsageError
+from gonjax.errors import DivergedError, UsageError, stop_if_requested
 from gonjax.zoo import Model, build_model
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 LOG_EVERY = 50  # training steps per window of train_metrics.jsonl, progress-bar update and non-finite check
 
@@ -116,20 +127,35 @@ def make_eval_step(model: Model):
     return eval_step
 
 
-def evaluate(eval_step, state: TrainState, images: np.ndarray, batch_size: int, rng: jax.Array):
+def evaluate(eval_step, state: TrainState, images: np.ndarray, batch_size: int, rng: jax.Array,
+             should_stop: Callable[[], bool] | None = None):
     """Mean of every metric over a full pass in batches of `batch_size` (drop last), and the first batch with
-    its reconstruction. Metrics are summed on the device and read once."""
+    its reconstruction. Metrics are summed on the device and read once. `should_stop` is polled per batch."""
     sums, first = None, None
     count = 0
-    for index, batch in enumerate(input_pipeline.prefetch_to_device(
-            input_pipeline.eval_batches(images, batch_size))):
-        metrics, reconstruction = eval_step(state, batch, jax.random.fold_in(rng, index))
-        sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
-        if first is None:
-            first = (batch, reconstruction)
-        count += 1
+    batches = input_pipeline.prefetch_to_device(input_pipeline.eval_batches(images, batch_size))
+    try:
+        for index, batch in enumerate(batches):
+            stop_if_requested(should_stop)
+            metrics, reconstruction = eval_step(state, batch, jax.random.fold_in(rng, index))
+            sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
+            if first is None:
+                first = (batch, reconstruction)
+            count += 1
+    finally:
+        batches.close()
+        _wait_for((sums, first))  # also on a stop: no computation outlives the pass (see _train)
     means = {name: float(value) / count for name, value in jax.device_get(sums).items()}
     return means, (np.asarray(first[0]), np.asarray(first[1]))
+
+
+def _wait_for(arrays) -> None:
+    """Wait until the computations producing `arrays` have finished (JAX dispatches asynchronously). Arrays a
+    failed step had already donated are gone: there is nothing to wait for then."""
+    try:
+        jax.block_until_ready(arrays)
+    except RuntimeError:
+        pass
 
 
 def time_steps(config: Config, image_shape: tuple[int, int, int], repeats: int = 3) -> tuple[float, float]:
@@ -154,13 +180,30 @@ def time_steps(config: Config, image_shape: tuple[int, int, int], repeats: int =
 
 
 class RunDir:
-    """A run's folder: refuses to touch anything that is not this run, writes files atomically."""
+    """A run's folder: refuses to touch anything that is not this run, holds an exclusive lock on it while the
+    run is open (a second process on the same folder gets a UsageError naming the holder; the operating system
+    drops the lock of a process that dies), writes files atomically."""
+
+    LOCK = ".lock"
 
     def __init__(self, path: Path, config: Config):
         self.path = Path(path)
-        self._claim(config)
+        self._lock = None
+        self._check(config)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._acquire_lock()
+            self._check(config)  # again under the lock: another process may have claimed it meanwhile
+            self.write_text("config.json", config.to_json() + "\n")
+        except OSError as error:
+            self.release()
+            raise UsageError(f"cannot write to --workdir {self.path} ({error.strerror or error}); "
+                             "choose a writable folder") from None
+        except BaseException:
+            self.release()
+            raise
 
-    def _claim(self, config: Config) -> None:
+    def _check(self, config: Config) -> None:
         config_file = self.path / "config.json"
         if config_file.exists():
             try:
@@ -172,14 +215,33 @@ class RunDir:
                 listed = ", ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
                 raise UsageError(f"--workdir {self.path} holds a different run ({listed}); "
                                  "choose another --workdir or rerun with its settings")
-        elif self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+        elif self.path.exists() and (not self.path.is_dir()
+                                     or any(p.name != self.LOCK for p in self.path.iterdir())):
             raise UsageError(f"--workdir {self.path} exists and is not a gonjax run; choose another --workdir")
+
+    def _acquire_lock(self) -> None:
+        if fcntl is None:  # no advisory locks on this platform (Windows): unguarded, as before
+            return
+        handle = open(self.path / self.LOCK, "a+")
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.write_text("config.json", config.to_json() + "\n")
-        except OSError as error:
-            raise UsageError(f"cannot write to --workdir {self.path} ({error.strerror or error}); "
-                             "choose a writable folder") from None
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UsageError(f"--workdir {self.path} is in use by {holder}; wait for it to finish (or stop it) "
+                             "and rerun, or choose another --workdir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self._lock = handle
+
+    def release(self) -> None:
+        """Give up the folder's lock (also done by the operating system when the process ends)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def write_text(self, name: str, text: str) -> None:
         files.write_atomic(self.path / name, text)
@@ -232,14 +294,49 @@ def _state_dict(state: TrainState) -> dict:
     return saved
 
 
-def _restore(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
+def _save_checkpoint(manager: ocp.CheckpointManager, step: int, state: TrainState, workdir: Path) -> None:
+    """Save `state` as the checkpoint of `step`; a full disk (checked first, and caught) is a UsageError, so the
+    run stops at once with its last checkpoint intact."""
+    saved = _state_dict(state)
+    needed = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(saved)) + 2**20
+
+    def no_space():
+        return UsageError(f"no space left on the disk of {workdir} for the checkpoint of step {step} (about "
+                          f"{resources.gigabytes(needed)} needed, {resources.free_disk(workdir)} free); free "
+                          "some space and rerun to resume from the last checkpoint")
+
+    if shutil.disk_usage(workdir).free < needed:
+        raise no_space()
+    try:
+        manager.save(step, args=ocp.args.StandardSave(saved), force=True)
+    except Exception as error:  # noqa: BLE001 - tensorstore reports ENOSPC as a ValueError
+        if "No space left" in str(error) or getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            raise no_space() from None
+        raise
+
+
+def _restore_intact(manager: ocp.CheckpointManager, state: TrainState,
+                    on_damaged: Callable[[int, str], None]) -> TrainState | None:
+    """The state of the newest checkpoint that restores and holds only finite numbers, or None when there is none.
+    `on_damaged(step, reason)` is told of every newer one that does not (a truncated or corrupted file)."""
     target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _state_dict(state))
-    restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(target))
-    return state.replace(**restored)
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+        except Exception as error:  # noqa: BLE001 - tensorstore and orbax raise many types for a damaged file
+            on_damaged(step, " ".join(str(error).split())[:200] or type(error).__name__)
+            continue
+        if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(restored)
+                   if jnp.issubdtype(leaf.dtype, jnp.inexact)):
+            on_damaged(step, "it holds non-finite numbers")
+            continue
+        return state.replace(**restored)
+    return None
 
 
 def load_run(workdir) -> tuple[Config, Model, TrainState, dict]:
-    """The config, model, latest checkpointed state and data description of a run folder."""
+    """The config, model, latest intact checkpointed state and data description of a run folder (a damaged
+    newer checkpoint is named on stderr and skipped)."""
     path = Path(workdir)
     if not (path / "config.json").is_file() or not (path / "data.json").is_file():
         raise UsageError(f"{path} is not a gonjax run folder (no config.json / data.json)")
@@ -254,15 +351,34 @@ def load_run(workdir) -> tuple[Config, Model, TrainState, dict]:
     manager = ocp.CheckpointManager(checkpoints, options=ocp.CheckpointManagerOptions(read_only=True))
     if manager.latest_step() is None:
         raise UsageError(f"{path} has no checkpoints yet; train it first")
-    state = _restore(manager, state)
+
+    def on_damaged(step, reason):
+        print(f"{path}: the checkpoint of step {step} is damaged ({reason}); using an older one",
+              file=sys.stderr, flush=True)
+
+    restored = _restore_intact(manager, state, on_damaged)
     manager.close()
-    return config, model, state, data_info
+    if restored is None:
+        raise UsageError(f"{path}: no intact checkpoint (see above); rerun its training command to train it again")
+    return config, model, restored, data_info
 
 
 def _check_batch_size(config: Config, train_images: int, test_images: int) -> None:
     if config.batch_size > min(train_images, test_images):
         raise UsageError(f"--batch-size {config.batch_size} is larger than a split of {config.dataset} "
                          f"({train_images} train / {test_images} test images)")
+
+
+def _check_memory(config: Config, model: Model) -> None:
+    """Refuse settings whose parameters, gradients and Adam moments (about 5 copies of the parameters) cannot fit
+    on the device, before anything is allocated (e.g. --nz 100000000)."""
+    shape = (config.batch_size, model.image_size, model.image_size, input_pipeline.CHANNELS[config.dataset])
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct(shape, jnp.float32))
+    leaves = jax.tree_util.tree_leaves(shapes)
+    count = sum(leaf.size for leaf in leaves)
+    resources.require_memory(5 * sum(leaf.size * leaf.dtype.itemsize for leaf in leaves),
+                             f"{config.run_name} with these settings ({count:,} parameters)",
+                             "lower --nz or --ngf", device=True)
 
 
 def draws_pictures(epoch: int | float, last: bool) -> bool:
@@ -274,6 +390,19 @@ def draws_pictures(epoch: int | float, last: bool) -> bool:
     return epoch <= 10 or (epoch <= 100 and epoch % 10 == 0) or epoch % 50 == 0
 
 
+FLAT_STEPS = 1000  # a run whose loss is not 10% below its start after FLAT_STEPS steps is warned about
+
+
+def _loss_is_flat(windows: list[dict]) -> bool:
+    """Whether, FLAT_STEPS steps into training, the loss of the last 200 steps is not 10% below the first
+    window's: a rate so high that nothing is learnt (GONs drop several-fold within a few hundred steps)."""
+    if not windows or windows[0]["step"] != windows[0]["steps"] or windows[-1]["step"] < FLAT_STEPS:
+        return False  # not recorded from the first step on (metrics lost), or too early to say
+    recent = [w for w in windows if w["step"] > windows[-1]["step"] - 200]
+    mean = sum(w["train_loss"] * w["steps"] for w in recent) / sum(w["steps"] for w in recent)
+    return mean >= 0.9 * windows[0]["train_loss"]
+
+
 def _epoch_label(step: int, steps_per_epoch: int) -> int | float:
     epoch = step / steps_per_epoch
     return int(epoch) if step % steps_per_epoch == 0 else round(epoch, 4)
@@ -282,18 +411,27 @@ def _epoch_label(step: int, steps_per_epoch: int) -> int | float:
 def train_and_evaluate(config: Config, workdir, should_stop: Callable[[], bool] | None = None) -> list[dict]:
     """Train `config.model` on `config.dataset`, evaluating before training and after every epoch.
 
-    `should_stop`, polled before every training step, stops the run with KeyboardInterrupt when it returns True
-    (the CLIs pass their Ctrl-C / SIGTERM flag). Returns the metric records of the whole run (also in
-    workdir/metrics.jsonl).
+    `should_stop`, polled before every training step and evaluation batch, stops the run with KeyboardInterrupt
+    when it returns True (the CLIs pass their Ctrl-C / SIGTERM flag); the latest checkpoint is kept. Returns the
+    metric records of the whole run (also in workdir/metrics.jsonl).
     """
     config.validate()
     _check_batch_size(config, *SPLIT_SIZES[config.dataset])  # before the run folder is claimed: no debris
-    run = RunDir(Path(workdir), config)
-
     model = build_model(config, input_pipeline.CHANNELS[config.dataset])
+    _check_memory(config, model)
+    run = RunDir(Path(workdir), config)
+    try:
+        return _train(run, config, model, should_stop)
+    finally:
+        run.release()
+
+
+def _train(run: RunDir, config: Config, model: Model, should_stop: Callable[[], bool] | None) -> list[dict]:
+    """train_and_evaluate's work in its claimed (and locked) run folder."""
     data = input_pipeline.load_dataset(config.dataset, image_size=model.image_size, data_dir=config.data_dir,
                                        manual_dir=config.manual_dir)
     run.write_text("data.json", json.dumps(data.info, indent=2) + "\n")
+    stop_if_requested(should_stop)  # a stop during data preparation, before compiling
     _check_batch_size(config, len(data.train), len(data.test))  # the files read (e.g. a small CIFAR-10 folder)
     steps_per_epoch = input_pipeline.num_batches(len(data.train), config.batch_size)
     total_steps = config.epochs * steps_per_epoch
@@ -309,9 +447,28 @@ def train_and_evaluate(config: Config, workdir, should_stop: Callable[[], bool] 
 
     manager = ocp.CheckpointManager(
         (run.path / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+        # Saved synchronously: a failed save (a full disk) stops the run at that step, not an epoch later.
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                             enable_async_checkpointing=False))
     if manager.latest_step() is not None:
-        state = _restore(manager, state)
+        damaged_dir = run.path / "damaged_checkpoints"
+
+        def set_aside(step: int, reason: str) -> None:  # kept for inspection, out of the manager's way
+            damaged_dir.mkdir(exist_ok=True)
+            target = damaged_dir / str(step)
+            while target.exists():
+                target = target.with_name(target.name + "+")
+            os.rename(run.path / "checkpoints" / str(step), target)
+            print(f"{run.path}: the checkpoint of step {step} is damaged ({reason}); moved it to {target}",
+                  file=sys.stderr, flush=True)
+
+        restored = _restore_intact(manager, state, set_aside)
+        manager.reload()
+        if restored is not None:
+            state = restored
+        else:
+            print(f"{run.path}: no intact checkpoint is left; training starts again from step 0", file=sys.stderr,
+                  flush=True)
     step = int(state.step)
     records = run.read_metrics(up_to_step=step)
     windows = run.read_metrics(up_to_step=step, name="train_metrics.jsonl")
@@ -333,12 +490,14 @@ def train_and_evaluate(config: Config, workdir, should_stop: Callable[[], bool] 
         eval_start = time.perf_counter()
         record = {"epoch": _epoch_label(step, steps_per_epoch), "step": step}
         split_rngs = jax.random.split(jax.random.fold_in(eval_rng, step))
+        partial = False
         for split, images, rng in (("train", data.train, split_rngs[0]), ("test", data.test, split_rngs[1])):
             if config.eval_batches is not None:
+                partial |= config.eval_batches < input_pipeline.num_batches(len(images), config.batch_size)
                 images = images[:config.eval_batches * config.batch_size]
-            means, pictures = evaluate(eval_step, state, images, config.batch_size, rng)
+            means, pictures = evaluate(eval_step, state, images, config.batch_size, rng, should_stop)
             record.update({f"{split}_{name}": value for name, value in means.items()})
-        if config.eval_batches is not None:
+        if partial:
             record["eval_batches"] = config.eval_batches  # partial passes: say so next to the numbers
         epoch_start = (step - 1) // steps_per_epoch * steps_per_epoch
         since = [w for w in windows if epoch_start < w["step"] <= step]
@@ -366,12 +525,13 @@ def train_and_evaluate(config: Config, workdir, should_stop: Callable[[], bool] 
         plots.save_curves(run.path / "curves.png", records, metric, "SSE / image" if metric == "sse" else "MSE",
                           windows)
         if step not in manager.all_steps():  # already saved when metrics.jsonl lost this row
-            manager.save(step, args=ocp.args.StandardSave(_state_dict(state)), force=True)
+            _save_checkpoint(manager, step, state, run.path)
         print(f"epoch {record['epoch']} step {step}: train {metric} {record[f'train_{metric}']:.6g} "
               f"test {metric} {record[f'test_{metric}']:.6g} loss {record['train_loss']:.6g}/"
               f"{record['test_loss']:.6g} ({record['eval_seconds']:.1f}s eval)", flush=True)
 
     meter = StepMeter(config.batch_size)
+    warned = []  # the step at which a flat loss was warned about (once per process)
 
     def record_window() -> dict:
         window = meter.read()
@@ -383,6 +543,11 @@ def train_and_evaluate(config: Config, workdir, should_stop: Callable[[], bool] 
                "steps_per_s": window["steps_per_s"], "images_per_s": window["images_per_s"]}
         run.append_metrics(row, "train_metrics.jsonl")
         windows.append(row)
+        if not warned and _loss_is_flat(windows):
+            warned.append(step)
+            print(f"{run.path}: warning: the training loss has not improved in {step} steps "
+                  f"({windows[0]['train_loss']:.4g} over the first {windows[0]['steps']}, {row['train_loss']:.4g} "
+                  "now); the learning rate may be too high (--lr)", file=sys.stderr, flush=True)
         return row
 
     show_progress = sys.stderr.isatty()
@@ -397,17 +562,21 @@ def train_and_evaluate(config: Config, workdir, should_stop: Callable[[], bool] 
             bar = tqdm(total=count, desc=f"epoch {epoch + 1}", disable=not show_progress, leave=False)
             epoch_start = time.perf_counter()
             meter.restart()
-            for batch in islice(batches, count):
-                if should_stop is not None and should_stop():
-                    raise KeyboardInterrupt
-                state, metrics = train_step(state, batch, train_rng)
-                meter.add(metrics["loss"])
-                step += 1
-                bar.update()
-                if step % LOG_EVERY == 0:
-                    row = record_window()
-                    bar.set_postfix(loss=f"{row['train_loss']:.5f}", images_per_s=f"{row['images_per_s']:.0f}")
-            batches.close()  # stops the prefetch thread when the epoch ends early (--max-steps)
+            try:
+                for batch in islice(batches, count):
+                    stop_if_requested(should_stop)
+                    state, metrics = train_step(state, batch, train_rng)
+                    meter.add(metrics["loss"])
+                    step += 1
+                    bar.update()
+                    if step % LOG_EVERY == 0:
+                        row = record_window()
+                        bar.set_postfix(loss=f"{row['train_loss']:.5f}", images_per_s=f"{row['images_per_s']:.0f}")
+            finally:
+                batches.close()  # stops the prefetch thread (an epoch cut short by --max-steps, a stop, an error)
+                # Steps are dispatched asynchronously; a stop must not leave any running when the interpreter
+                # exits (XLA then tears down under them: a segfault after "interrupted", seen on MNIST).
+                _wait_for(state)
             if meter.steps:
                 record_window()  # the epoch's last, shorter window; also waits for its last step
             train_seconds += time.perf_counter() - epoch_start

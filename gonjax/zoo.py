@@ -35,7 +35,8 @@ class Model:
     init(rng, batch) -> {"params": ..., "batch_stats": ...}
     apply(params, batch_stats, batch, rng, step=0) -> (loss, (batch_stats, ModelOutput))
     sample(params, batch_stats, rng, n) -> n images from the prior, or None for models without one
-    render(params, latents, size) -> images at size x size, for models that are functions of coordinates
+    render(params, latents, coords) -> (n, P, C) pixel values at coordinates (P, 2), for models that are
+        functions of coordinates (gonjax.render tiles a grid of any resolution into such calls)
     """
 
     name: str
@@ -126,11 +127,20 @@ def _origin_fit(config: Config, decode, loss) -> tuple[origin.Fit, origin.Origin
     return split.fit, split if config.origin_shortcut and config.latent_sigma == 0.0 else None
 
 
+def _vgon_fit_key(rng: jax.Array) -> jax.Array:
+    """The key of the V-GON's origin step (split by `origin.pass_keys` into the inner and outer pass's keys)."""
+    return jax.random.split(rng)[1]
+
+
+def _vgon_pass_noise(pass_key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """The reparameterisation eps one V-GON pass draws from its key."""
+    return jax.random.normal(pass_key, shape, dtype)
+
+
 def vgon_noise(rng: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
     """The eps of the inner and of the outer pass that `vgon(...).apply` draws from `rng` (independent draws)."""
-    _, rng_fit = jax.random.split(rng)
-    inner, outer = origin.pass_keys(rng_fit)
-    return jax.random.normal(inner, shape, dtype), jax.random.normal(outer, shape, dtype)
+    inner, outer = origin.pass_keys(_vgon_fit_key(rng))
+    return _vgon_pass_noise(inner, shape, dtype), _vgon_pass_noise(outer, shape, dtype)
 
 
 def vgon(config: Config, nc: int) -> Model:
@@ -143,14 +153,13 @@ def vgon(config: Config, nc: int) -> Model:
         weight = kl_weight(config, step)
 
         def fit(params, batch_stats, z, images, rng):
-            noise = jax.random.normal(rng, z.shape, z.dtype)
+            noise = _vgon_pass_noise(rng, z.shape, z.dtype)
             (reconstruction, mu, logvar), batch_stats = _stateful_apply(function, params, batch_stats, z, noise)
             loss, metrics = variational_loss(reconstruction, images, mu, logvar, weight)
             return loss, (batch_stats, (reconstruction, metrics))
 
-        _, rng_fit = jax.random.split(rng)
         z0 = jnp.zeros((images.shape[0], nz), images.dtype)
-        loss, result = origin.origin_step(fit, params, batch_stats, images, rng_fit, z0)
+        loss, result = origin.origin_step(fit, params, batch_stats, images, _vgon_fit_key(rng), z0)
         reconstruction, metrics = result.output
         metrics = {**metrics, "inner_loss": result.inner_loss}
         return loss, (result.state, ModelOutput(reconstruction, metrics, result.latent))
@@ -232,11 +241,9 @@ def implicit_gon(config: Config, nc: int) -> Model:
                    "sse": jnp.mean(losses.sse_per_image(reconstruction, images)), "inner_loss": result.inner_loss}
         return loss, (result.state, ModelOutput(reconstruction, metrics, result.latent))
 
-    def render(params, latents, resolution):
-        """Decode latents on a resolution x resolution grid over the same [-1, 1]^2 (super-resolution)."""
-        grid = coordinate_grid(resolution, latents.dtype)
-        out = siren.apply({"params": params}, grid, latents)
-        return out.reshape(latents.shape[0], resolution, resolution, nc)
+    def render(params, latents, coords):
+        """Decode latents at any coordinates of [-1, 1]^2, the square the training grid spans: (n, P, nc)."""
+        return siren.apply({"params": params}, coords, latents)
 
     def init(rng, images):
         return dict(siren.init(rng, coordinate_grid(size), jnp.zeros((images.shape[0], nz), images.dtype)))

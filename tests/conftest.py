@@ -3,6 +3,19 @@ import os
 
 os.environ["JAX_PLATFORMS"] = "cpu"  # before jax is imported anywhere
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# XLA's persistent compilation cache in a fresh folder per test session (inherited by the xdist workers and the
+# CLI subprocesses): the many small runs of the suite compile the same steps again and again, and a hit takes
+# milliseconds instead of seconds. Fresh per session, so CI times are what a first run costs.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="gonjax-tests-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import contextlib  # noqa: E402
 import importlib  # noqa: E402
 import io  # noqa: E402

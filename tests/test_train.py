@@ -95,8 +95,9 @@ def test_finished_run_is_left_alone(shared_data, tfds_dir, tmp_path, capsys):
     assert "already finished" in capsys.readouterr().out
     assert [r["step"] for r in records] == [0, 2]
     after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir() if p.is_file()}
-    assert {k: v for k, v in after.items() if k not in ("config.json", "data.json")} == \
-        {k: v for k, v in before.items() if k not in ("config.json", "data.json")}
+    rewritten = ("config.json", "data.json", ".lock")  # the lock is taken again to look
+    assert {k: v for k, v in after.items() if k not in rewritten} == \
+        {k: v for k, v in before.items() if k not in rewritten}
 
 
 def test_workdir_of_another_run_or_not_a_run_is_refused(shared_data, tfds_dir, tmp_path):
@@ -135,6 +136,11 @@ def test_partial_evaluation_is_recorded(shared_data, tfds_dir, tmp_path):
     assert all(r["eval_batches"] == 2 for r in records)
     full = train.train_and_evaluate(_config(shared_data, tfds_dir, max_steps=1), tmp_path / "full")
     assert "eval_batches" not in full[0] and full[0]["train_sse"] != records[0]["train_sse"]
+    # More batches than a split has (COIL-20's test split is 4 batches of 64) is a full pass: not marked partial.
+    whole = train.train_and_evaluate(_config(shared_data, tfds_dir, max_steps=1, eval_batches=1000),
+                                     tmp_path / "whole")
+    assert all("eval_batches" not in r for r in whole)
+    assert whole[-1]["test_sse"] == pytest.approx(full[-1]["test_sse"], rel=1e-6)
 
 
 def test_cpu_compiler_options_keep_ynnpack_to_dots_and_compile():
@@ -175,21 +181,27 @@ def test_training_windows_record_the_step_losses(shared_data, tfds_dir, tmp_path
 
 
 def test_a_stop_request_is_honoured_between_steps(shared_data, tfds_dir, tmp_path):
-    """The CLIs' Ctrl-C / SIGTERM flag: even if the signal's own exception is lost, the run stops at the next
-    step, keeping its last checkpoint (resuming from it is test_resumed_run_reproduces_an_uninterrupted_one)."""
-    polls = []
+    """The CLIs' Ctrl-C / SIGTERM flag is polled at safe points: asked for once epoch 1 is recorded, the run stops
+    at the first poll after (before epoch 2's first step), keeping its last checkpoint (resuming from it is
+    test_resumed_run_reproduces_an_uninterrupted_one)."""
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    polls_after = []
 
     def should_stop():
-        polls.append(1)
-        return len(polls) > 25  # during the second epoch (18 steps each)
+        requested = metrics.exists() and len(metrics.read_text().splitlines()) >= 2
+        if requested:
+            polls_after.append(1)
+        return requested
 
     config = _config(shared_data, tfds_dir, epochs=3)
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(config, tmp_path / "run", should_stop=should_stop)
-    assert len(polls) == 26
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(polls_after) == 1
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 18]
     assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [0, 18]
+    windows = [json.loads(line) for line in (tmp_path / "run" / "train_metrics.jsonl").read_text().splitlines()]
+    assert windows[-1]["step"] == 18  # no step of epoch 2 was taken
 
 
 def test_pictures_are_drawn_at_a_sparse_schedule_of_epochs():

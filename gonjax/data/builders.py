@@ -65,6 +65,11 @@ class _IdxImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     }
 
     @classmethod
+    def source_url(cls) -> str:
+        """Where the official files are downloaded from."""
+        return cls.URL_BASE
+
+    @classmethod
     def manual_files(cls) -> list[str]:
         return list(cls.FILES.values())
 
@@ -154,6 +159,10 @@ class GonCifar10(tfds.core.GeneratorBasedBuilder):
     FOLDERS = ("cifar-10-batches-bin", "cifar-10-batches-py")
 
     @classmethod
+    def source_url(cls) -> str:
+        return cls.URL
+
+    @classmethod
     def manual_files(cls) -> list[str]:
         return ["cifar-10-binary.tar.gz", *(f"{name}/" for name in cls.FOLDERS)]
 
@@ -212,6 +221,10 @@ class GonCoil20(tfds.core.GeneratorBasedBuilder):
     NUM_TRAIN = 1152
 
     @classmethod
+    def source_url(cls) -> str:
+        return cls.URL
+
+    @classmethod
     def manual_files(cls) -> list[str]:
         return ["coil-20-proc/obj*__*.png"]
 
@@ -253,7 +266,10 @@ class GonCoil20(tfds.core.GeneratorBasedBuilder):
         from PIL import Image
 
         for path in files:
-            image = np.asarray(Image.open(io.BytesIO(path.read_bytes())).convert("L"), np.uint8)
+            try:
+                image = np.asarray(Image.open(io.BytesIO(path.read_bytes())).convert("L"), np.uint8)
+            except OSError as error:  # PIL's UnidentifiedImageError, a truncated PNG
+                raise ValueError(f"{path} is not a readable PNG ({error}); replace it with the official file") from None
             if image.shape != (128, 128):
                 raise ValueError(f"{path}: expected a 128x128 image, got {image.shape}")
             obj, pose = map(int, _COIL_NAME.search(path.name).groups())

@@ -15,8 +15,11 @@ Resizing (documented choices):
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
+import socket
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,10 +63,14 @@ def prepare_builder(name: str, data_dir=None, manual_dir=None) -> tfds.core.Data
     if name not in BUILDERS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(BUILDERS)}")
     tfds.disable_progress_bar()
+    if data_dir is not None:
+        _check_writable(Path(data_dir).expanduser())
     builder = BUILDERS[name](data_dir=data_dir, file_format="array_record")
     if builder.is_prepared():
         return builder
     manual = find_manual_dir(name, manual_dir) if manual_dir is not None else None
+    if manual is None:
+        _check_reachable(name)
     config = tfds.download.DownloadConfig(manual_dir=None if manual is None else str(manual))
     try:
         builder.download_and_prepare(download_config=config)
@@ -72,20 +79,54 @@ def prepare_builder(name: str, data_dir=None, manual_dir=None) -> tfds.core.Data
         raise DataError(f"{name}: a file does not match its official checksum ({first}); "
                         "replace it with the official file") from None
     except OSError as error:
-        where = f"from {manual}" if manual else "(download failed)"
-        raise DataError(f"could not prepare {name} {where}: {type(error).__name__}: {error}. Offline? Pass "
-                        f"--manual-dir DIR with the official files ({', '.join(BUILDERS[name].manual_files())}) "
-                        f"in DIR or DIR/{name}") from None
+        if manual is not None:
+            raise DataError(f"could not prepare {name} from {manual} in {builder.data_dir}: "
+                            f"{type(error).__name__}: {error}") from None
+        raise DataError(f"could not download {name}: {type(error).__name__}: {error}. Offline? Pass --manual-dir "
+                        f"DIR with the official files ({', '.join(BUILDERS[name].manual_files())}) in DIR or "
+                        f"DIR/{name}") from None
     except ValueError as error:
         raise DataError(f"could not read the {name} files: {error}") from None
     return builder
 
 
+def _check_writable(data_dir: Path) -> None:
+    """A --data-dir that cannot hold prepared data fails here, named, rather than deep inside TFDS."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        probe = data_dir / f".gonjax-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise DataError(f"--data-dir {data_dir} cannot be written ({error.strerror or error}); choose a writable "
+                        "folder") from None
+
+
+def _check_reachable(name: str, timeout: float = 5.0) -> None:
+    """Fail fast when the host of `name`'s official files cannot be reached (offline) and no --manual-dir was
+    given, rather than after TFDS's minutes of retries."""
+    url = urllib.parse.urlsplit(BUILDERS[name].source_url())
+    host = url.hostname
+    try:
+        socket.create_connection((host, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+    except OSError as error:
+        raise DataError(f"{name} is not prepared and {host} cannot be reached to download it ({error}); offline, "
+                        f"pass --manual-dir DIR with the official files ({', '.join(BUILDERS[name].manual_files())})"
+                        f" in DIR or DIR/{name}") from None
+
+
 def read_split(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
     """All images of one split as a uint8 NHWC array, in TFDS's fixed stored order (no TensorFlow)."""
-    source = builder.as_data_source(split=split)
-    examples = source.__getitems__(range(len(source)))
-    return np.stack([example["image"] for example in examples])
+    try:
+        source = builder.as_data_source(split=split)
+        examples = source.__getitems__(range(len(source)))
+        return np.stack([example["image"] for example in examples])
+    except (RuntimeError, ValueError, OSError, KeyError) as error:  # a truncated or corrupted record file
+        files = sorted(Path(builder.data_dir).glob(f"*-{split}.*"))
+        named = ", ".join(f.name for f in files) or f"the {split} files"
+        raise DataError(f"the prepared {builder.name} data in {builder.data_dir} is damaged ({named}: "
+                        f"{' '.join(str(error).split())[:160]}); remove that folder and rerun to prepare it "
+                        "again") from None
 
 
 def resize_bilinear_pil(images: np.ndarray, size: int) -> np.ndarray:
