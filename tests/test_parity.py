@@ -2,8 +2,9 @@
 
 float64: one full training step of every model (GON, detached GON, V-GON, Conv AE, VAE, Implicit GON) agrees to relative
 error 1e-6 in the latent, both losses, the reconstruction, every parameter gradient, the parameters after Adam
-and the BN running statistics (GON-SPEC 3: float32 cannot be compared bitwise at the origin). float32: 200 training steps on the same Fashion-MNIST batches give the same loss curve
-within 1%.
+and the BN running statistics (GON-SPEC 3: float32 cannot be compared bitwise at the origin). float32: 100-200
+training steps of the GON, V-GON, AE and VAE on the same Fashion-MNIST batches give the same loss curve (bounds
+and measurements at FLOAT32_CURVES).
 """
 import re
 
@@ -31,34 +32,6 @@ def tree_errors(actual, expected) -> dict[str, float]:
     flat_a = jax.tree_util.tree_flatten_with_path(actual)[0]
     flat_e = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
     return {jax.tree_util.keystr(path): relative_error(leaf, flat_e[path]) for path, leaf in flat_a}
-
-
-def adam_step_errors(params, expected, grads, expected_grads, lr, eps=1e-8) -> dict[str, float]:
-    """Relative error of the parameters after one Adam step, leaf by leaf.
-
-    The first Adam step moves a parameter by u(g) = lr g / (|g| + eps), whose slope lr eps / (|g| + eps)^2
-    turns an element whose gradient is near eps (~1e-8, seen in the SIREN's hidden kernels) into an ill-
-    conditioned one: a 1e-10 difference in its gradient moves it by up to lr / 100. Where the plain relative
-    error exceeds TOL, each element must instead lie within TOL * max|p| plus the exact mean-value bound
-    lr eps / (min(|g_jax|, |g_torch|) + eps)^2 * |g_jax - g_torch| (u' is largest at the smaller |g|);
-    the reported value is TOL times the worst element's share of that allowance, so <= TOL passes.
-    """
-    out = {}
-    flat_p = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
-    flat_g = dict(jax.tree_util.tree_flatten_with_path(grads)[0])
-    flat_eg = dict(jax.tree_util.tree_flatten_with_path(expected_grads)[0])
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        name = f"param {jax.tree_util.keystr(path)}"
-        actual, wanted = np.asarray(leaf, np.float64), np.asarray(flat_p[path], np.float64)
-        error = relative_error(actual, wanted)
-        if error > TOL:
-            g, eg = np.asarray(flat_g[path]), np.asarray(flat_eg[path])
-            same_sign = np.sign(g) == np.sign(eg)
-            slope = np.where(same_sign, lr * eps / (np.minimum(np.abs(g), np.abs(eg)) + eps) ** 2, lr / eps)
-            bound = slope * np.abs(g - eg)  # across zero the steepest slope, lr / eps, bounds it
-            error = TOL * float((np.abs(actual - wanted) / (TOL * np.abs(wanted).max() + bound)).max())
-        out[name] = error
-    return out
 
 
 def _torch_model(model: str, config: Config, nc: int, seed: int) -> torch.nn.Module:
@@ -162,7 +135,7 @@ def _compare_one_step(config, images, seed=0, perturb=None):
                     errors[f"grad {name} ({side}) / largest gradient"] = float(np.abs(np.asarray(g)).max()) / scale
             else:
                 errors[f"grad {name}"] = relative_error(leaf, torch_grads[path])
-        errors.update(adam_step_errors(new_state.params, after["params"], grads, tr.flax_grads(module), config.lr))
+        errors.update({f"param {k}": v for k, v in tree_errors(new_state.params, after["params"]).items()})
         errors.update({f"bn {k}": v for k, v in tree_errors(new_state.batch_stats, after["batch_stats"]).items()})
     return errors
 
@@ -203,39 +176,66 @@ def test_parity_check_catches_one_perturbed_weight(fashion_batch):
     assert {"latent", "reconstruction"} <= failing and len(failing) > 10, failing
 
 
-def test_float32_loss_curves_agree_over_200_steps(shared_data, tfds_dir):
-    """Same weights, same 200 Fashion-MNIST batches, float32 on both sides.
-
-    Tolerance: in float32 the origin step amplifies rounding by ~1/sqrt(eps) per zero-variance BN, so the two
-    latents differ by ~1e-2 relative from the first step (GON-SPEC 3) and the trajectories separate like two
-    runs of one framework under different summation orders. What must agree is the curve: mean losses over
-    windows of 20 steps. Measured: they agree within 0.35% (the loss falls from 0.145 to 0.034), so 1% is the
-    bound. The detached GON, the nearest wrong model, is 5-7.5% above over the last four windows.
-    """
-    steps, batch_size = 200, 64
-    data = input_pipeline.load_dataset("fashion_mnist", 32, tfds_dir, shared_data)
-    batches = np.stack(list(input_pipeline.train_batches(data.train, batch_size, seed=0, epoch=0)))[:steps]
+def _float32_losses(model: str, batches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The training losses of `model` over `batches` in float32 from the same PyTorch-initialised weights, in
+    gonjax (jitted train step, step keys fold_in(key, step)) and in PyTorch (fed the noise gonjax draws)."""
+    config = Config(model=model, ngf=16, nz=256)
     torch.manual_seed(0)
-    decoder = tr.ConvDecoder(nz=256, ngf=16)
-    variables = tr.flax_variables(decoder)
-    optimizer = tr.make_adam(decoder, 2e-4)
-    torch_losses = [float(tr.gon_train_step(decoder, optimizer, tr.nhwc(b), 256).loss) for b in batches]
+    module = TORCH_MODELS[model](nz=256, ngf=16, nc=1)
+    variables = tr.flax_variables(module)
+    optimizer = tr.make_adam(module, config.lr)
+    key = jax.random.PRNGKey(0)
+    shape = (batches.shape[1], config.nz)
+    torch_losses = []
+    for index, images in enumerate(batches):
+        x, step_key = tr.nhwc(images), jax.random.fold_in(key, index)
+        if model == "gon":
+            step = tr.gon_train_step(module, optimizer, x, config.nz)
+        elif model == "ae":
+            step = tr.ae_train_step(module, optimizer, x)
+        elif model == "vgon":
+            inner, outer = (torch.from_numpy(np.array(e)) for e in zoo.vgon_noise(step_key, shape))
+            step = tr.vgon_train_step(module, optimizer, x, inner, outer)
+        else:
+            step = tr.vae_train_step(module, optimizer, x, torch.from_numpy(np.array(zoo.vae_noise(step_key, shape))))
+        torch_losses.append(float(step.loss))
 
-    config = Config(ngf=16, nz=256)
-    model = zoo.build_model(config, 1)
+    gonjax_model = zoo.build_model(config, 1)
     jax_optimizer = train.make_optimizer(config)
-    state = train.create_train_state(model, jax_optimizer, jax.random.PRNGKey(0), jnp.asarray(batches[0]),
-                                     variables)
-    step = jax.jit(train.make_train_step(model, jax_optimizer), donate_argnums=0)
+    state = train.create_train_state(gonjax_model, jax_optimizer, key, jnp.asarray(batches[0]), variables)
+    train_step = jax.jit(train.make_train_step(gonjax_model, jax_optimizer), donate_argnums=0)
     jax_losses = []
-    for b in batches:
-        state, metrics = step(state, jnp.asarray(b), jax.random.PRNGKey(0))
+    for images in batches:
+        state, metrics = train_step(state, jnp.asarray(images), key)
         jax_losses.append(metrics["loss"])
-    jax_losses = np.asarray(jax.device_get(jax_losses), np.float64)
-    torch_losses = np.asarray(torch_losses)
+    return np.asarray(jax.device_get(jax_losses), np.float64), np.asarray(torch_losses)
 
-    np.testing.assert_allclose(jax_losses[0], torch_losses[0], rtol=1e-2)
-    assert torch_losses[-20:].mean() < 0.3 * torch_losses[:20].mean()
-    windows_jax = jax_losses.reshape(10, 20).mean(1)
-    windows_torch = torch_losses.reshape(10, 20).mean(1)
-    np.testing.assert_allclose(windows_jax, windows_torch, rtol=0.01)
+
+@pytest.fixture(scope="module")
+def fashion_train_batches(shared_data, tfds_dir) -> np.ndarray:
+    data = input_pipeline.load_dataset("fashion_mnist", 32, tfds_dir, shared_data)
+    return np.stack(list(input_pipeline.train_batches(data.train, 64, seed=0, epoch=0)))[:200]
+
+
+# model: (steps, first-step rtol, window rtol), bounds about 4x the relative differences measured on this
+# 2-core EPYC (first step / worst window of 20 steps):
+# - GON 5.6e-5 / 3.1e-3: its origin step amplifies float32 rounding by ~1/sqrt(eps) per zero-variance BN
+#   (GON-SPEC 3), so the trajectories separate like two runs of one framework under different summation orders and
+#   only the curve can agree (the loss falls from 0.145 to 0.034; the detached GON, the nearest wrong model, is
+#   5-7.5% above over the last four windows, so 1% tells them apart);
+# - V-GON 2.2e-7 / 1.3e-6, AE 6.8e-8 / 3.4e-6, VAE 7.7e-8 / 1.8e-6: no such amplification (the V-GON's BN sees
+#   the noise, never a zero variance), the two trajectories stay together to float32 rounding.
+FLOAT32_CURVES = {"gon": (200, 2.5e-4, 1e-2), "vgon": (100, 1e-6, 1e-5), "ae": (100, 3e-7, 1.5e-5),
+                  "vae": (100, 3e-7, 1e-5)}
+
+
+@pytest.mark.parametrize("model", list(FLOAT32_CURVES))
+def test_float32_loss_curves_agree(fashion_train_batches, model):
+    """Same weights, same Fashion-MNIST batches (and noise), float32 on both sides: the first step's loss and
+    the curve (mean losses over windows of 20 steps) agree within FLOAT32_CURVES's bounds."""
+    steps, first_rtol, window_rtol = FLOAT32_CURVES[model]
+    jax_losses, torch_losses = _float32_losses(model, fashion_train_batches[:steps])
+    np.testing.assert_allclose(jax_losses[0], torch_losses[0], rtol=first_rtol)
+    assert torch_losses[-20:].mean() < 0.8 * torch_losses[:20].mean()  # it learns: the comparison means something
+    np.testing.assert_allclose(jax_losses.reshape(-1, 20).mean(1), torch_losses.reshape(-1, 20).mean(1),
+                               rtol=window_rtol)
