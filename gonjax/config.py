@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gonjax.catalog import DATASETS
 from gonjax.errors import UsageError
-from gonjax.models import ACTIVATIONS, DECONV_IMPLS
+from gonjax.models import ACTIVATIONS, DECONV_IMPLS, KERNELS
 
 
 MODEL_NAMES = ("gon", "vgon", "ae", "vae", "implicit_gon")
@@ -40,7 +40,7 @@ def _has_type(value, annotation: str) -> bool:
 
 # Fields that may change when a run is resumed; every other field must match the saved config.json.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "data_dir", "manual_dir", "keep_checkpoints",
-                               "deconv_impl", "origin_shortcut"})  # the same function computed another way
+                               "deconv_impl", "kernels", "origin_shortcut"})  # the same function computed another way
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +69,7 @@ class Config:
     manual_dir: str | None = None  # folder of official files, for offline preparation
     keep_checkpoints: int = 3
     deconv_impl: str = "taps"  # computation of the transposed convolutions: "taps", "subpixel" or "dilated"
+    kernels: str = "xla_cpu"  # "autodiff": JAX's own primitives only, for jvp / linearize / hessian (gonjax.kernels)
     origin_shortcut: bool = True  # inner pass at z0 = 0 from one decoded example (gonjax.origin.origin_gradient)
     eval_batches: int | None = None  # evaluate on the first N batches of each split only (default: full passes)
 
@@ -123,6 +124,8 @@ class Config:
             raise UsageError("--lr-drop-epoch must be non-negative and --lr-drop-to positive")
         if self.deconv_impl not in DECONV_IMPLS:
             raise UsageError(f"deconv_impl must be one of {', '.join(DECONV_IMPLS)}, got {self.deconv_impl!r}")
+        if self.kernels not in KERNELS:
+            raise UsageError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if self.loss_reduction not in ("mean", "sum"):
             raise UsageError(f"--loss-reduction must be mean or sum, got {self.loss_reduction!r}")
         if self.kl_weight < 0 or self.kl_warmup_steps < 0:

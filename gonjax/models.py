@@ -5,13 +5,15 @@ Every module works in NHWC. Parameter layouts are flax's own; `benchmarks/` port
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from gonjax import kernels as tuned
+
+KERNELS = ("xla_cpu", "autodiff")  # gonjax.kernels' tuned custom-VJP kernels, or JAX's own primitives
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "elu": nn.elu,
@@ -32,26 +34,6 @@ def symmetric_uniform(bound: float) -> Callable:
     return init
 
 
-@jax.custom_vjp
-def _channel_sum(x: jax.Array) -> jax.Array:
-    """Sum over every axis but the last, as a matmul with a ones vector (XLA:CPU's column reductions are
-    several times slower). Linear; `_channel_broadcast` and this are each other's VJP, so batch norm's
-    backward and double-backward reductions are matmuls too."""
-    flat = x.reshape(-1, x.shape[-1])
-    return jnp.ones((flat.shape[0],), x.dtype) @ flat
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _channel_broadcast(v: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """v (C,) broadcast to `shape` (..., C); its VJP is `_channel_sum`."""
-    return jnp.broadcast_to(v, shape)
-
-
-_channel_sum.defvjp(lambda x: (_channel_sum(x), x.shape), lambda shape, g: (_channel_broadcast(g, shape),))
-_channel_broadcast.defvjp(lambda v, shape: (_channel_broadcast(v, shape), None),
-                          lambda shape, _, g: (_channel_sum(g),))
-
-
 class BatchStatNorm(nn.Module):
     """Batch norm that always normalises with the statistics of the batch it sees (GON-SPEC 3).
 
@@ -70,9 +52,15 @@ class BatchStatNorm(nn.Module):
 
     momentum: float = 0.1
     epsilon: float = 1e-5
+    kernels: str = "xla_cpu"  # "autodiff": jnp sums and broadcasts, for forward-mode autodiff (KERNELS)
 
     @nn.compact
     def __call__(self, x: jax.Array, batch_size: int | None = None) -> jax.Array:
+        if self.kernels == "xla_cpu":
+            channel_sum, channel_broadcast = tuned.channel_sum, tuned.channel_broadcast
+        else:
+            channel_sum = lambda v: jnp.sum(v.reshape(-1, v.shape[-1]), axis=0)  # noqa: E731
+            channel_broadcast = jnp.broadcast_to
         features = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (features,))
         bias = self.param("bias", nn.initializers.zeros, (features,))
@@ -81,12 +69,12 @@ class BatchStatNorm(nn.Module):
             mean, var = self.get_variable("bn_stats", "mean"), self.get_variable("bn_stats", "var")
         else:
             count = x.size // features
-            mean = _channel_sum(x) / count
-        centred = x - _channel_broadcast(mean, x.shape)
+            mean = channel_sum(x) / count
+        centred = x - channel_broadcast(mean, x.shape)
         if not frozen:
-            var = _channel_sum(jnp.square(centred)) / count
+            var = channel_sum(jnp.square(centred)) / count
             self._record(mean, var, count * (batch_size or x.shape[0]) // x.shape[0])
-        return centred * _channel_broadcast(jax.lax.rsqrt(var + self.epsilon) * scale, x.shape) + bias
+        return centred * channel_broadcast(jax.lax.rsqrt(var + self.epsilon) * scale, x.shape) + bias
 
     def _record(self, mean: jax.Array, var: jax.Array, count: int) -> None:
         """Write the batch statistics to `bn_stats` if it is mutable, and update the running averages (PyTorch's:
@@ -107,82 +95,6 @@ class BatchStatNorm(nn.Module):
 
 DECONV_IMPLS = ("taps", "subpixel", "dilated")
 
-# Stride-2, padding-1 transposed convolution by output phase: (phase a, input offset dy - 1, kernel row), where
-# output row 2i + a gathers input row i + dy - 1 through row `ky` of the flax kernel (the flipped PyTorch one).
-_PHASES = ((0, 0, 0), (0, 1, 2), (1, 1, 1), (1, 2, 3))
-
-
-def _phase_selector() -> np.ndarray:
-    """(3, 2, 4) 0/1 table: [offset dy, phase a, kernel row ky] = 1 where `_PHASES` pairs them."""
-    table = np.zeros((3, 2, 4), np.float32)
-    for a, dy, ky in _PHASES:
-        table[dy, a, ky] = 1.0
-    return table
-
-
-def _subpixel_kernel(kernel: jax.Array) -> jax.Array:
-    """(4, 4, Cin, Cout) transposed-conv kernel -> (3, 3, Cin, 4*Cout) stride-1 kernel of its four phases.
-
-    One exact contraction with a constant 0/1 table (a chain of scatters compiles and runs slower)."""
-    cin, cout = kernel.shape[2], kernel.shape[3]
-    select = jnp.asarray(_phase_selector(), kernel.dtype)
-    phased = jnp.einsum("yak,xbl,klco->yxcabo", select, select, kernel, precision=jax.lax.Precision.HIGHEST)
-    return phased.reshape(3, 3, cin, 4 * cout)
-
-
-def _depth_to_space(phases: jax.Array) -> jax.Array:
-    """(N, H, W, 2, 2, C) output phases [.., a, b, c] -> (N, 2H, 2W, C) image, pixel (2i + a, 2j + b)."""
-    n, h, w, _, _, c = phases.shape
-    return phases.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, c)
-
-
-def _stride2_phase_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Stride-2 transposed conv as one 3x3 stride-1 convolution to the four phases, then depth-to-space."""
-    n, h, w, _ = x.shape
-    y = jax.lax.conv_general_dilated(x, _subpixel_kernel(kernel), (1, 1), ((1, 1), (1, 1)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return _depth_to_space(y.reshape(n, h, w, 2, 2, kernel.shape[-1]))
-
-
-@jax.custom_vjp
-def _sum_taps(taps: jax.Array) -> jax.Array:
-    """col2im of a stride-2, k=4, padding-1 transposed conv: taps (N, H, W, 2, 2, 2, 2, C) of every input pixel,
-    indexed (my, mx, a, b) for kernel tap (2 my + a, 2 mx + b), -> sums U (N, H+1, W+1, 2, 2, C) with output
-    pixel (2i + a, 2j + b) = U[i + a, j + b, a, b].
-
-    By `_PHASES`, kernel row ky = 2m + a of input row p feeds output row 2i + a with p = i + m + a - 1, so
-    U[q, a] = the sum over m of tap (m, a) of input row q + m - 1 (zero outside the image), in both axes.
-    Linear; `_gather_taps` and this are each other's VJP (autodiff would transpose the shifted slices into
-    padded copies summed, several times slower on XLA:CPU)."""
-    return sum(jnp.pad(taps[:, :, :, my, mx], ((0, 0), (1 - my, my), (1 - mx, mx), (0, 0), (0, 0), (0, 0)))
-               for my in (0, 1) for mx in (0, 1))
-
-
-@jax.custom_vjp
-def _gather_taps(sums: jax.Array) -> jax.Array:
-    """Transpose of `_sum_taps`: sums (N, H+1, W+1, 2, 2, C) -> taps (N, H, W, 2, 2, 2, 2, C), tap
-    (my, mx, a, b) of pixel (i, j) reading sums[i + 1 - my, j + 1 - mx, a, b]."""
-    h, w = sums.shape[1] - 1, sums.shape[2] - 1
-    return jnp.stack([jnp.stack([sums[:, 1 - my:1 - my + h, 1 - mx:1 - mx + w] for mx in (0, 1)], axis=3)
-                      for my in (0, 1)], axis=3)
-
-
-_sum_taps.defvjp(lambda taps: (_sum_taps(taps), None), lambda _, g: (_gather_taps(g),))
-_gather_taps.defvjp(lambda sums: (_gather_taps(sums), None), lambda _, g: (_sum_taps(g),))
-
-
-def _stride2_tap_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Stride-2 transposed conv as one matmul giving every input pixel's 16 taps, then their sum per output
-    pixel (`_sum_taps`) and depth-to-space. The true FLOPs (no zero taps)."""
-    n, h, w, cin = x.shape
-    cout = kernel.shape[-1]
-    weights = kernel.reshape(2, 2, 2, 2, cin, cout).transpose(4, 0, 2, 1, 3, 5).reshape(cin, 16 * cout)
-    sums = _sum_taps((x.reshape(-1, cin) @ weights).reshape(n, h, w, 2, 2, 2, 2, cout))
-    phases = jnp.stack([jnp.stack([sums[:, a:a + h, b:b + w, a, b] for b in (0, 1)], axis=3) for a in (0, 1)],
-                       axis=3)
-    return _depth_to_space(phases)
-
-
 class TorchConvTranspose(nn.Module):
     """PyTorch `ConvTranspose2d(k=4, stride, padding)` with PyTorch's init (GON-SPEC 2.1, 2.5).
 
@@ -190,7 +102,7 @@ class TorchConvTranspose(nn.Module):
     bound 1/sqrt(16 * Cout), as PyTorch reads fan-in from dim 1 of its (Cin, Cout, kh, kw) weight). The
     computation is selectable, all formulations being the same function (benchmarks/README.md measures them):
     - "taps" (default): the 1x1 -> 4x4 first layer as one matmul; each stride-2 layer as one matmul giving the 16
-      taps of every input pixel, summed into their output pixels (`_stride2_tap_matmul`);
+      taps of every input pixel, summed into their output pixels (`kernels.stride2_tap_matmul`);
     - "subpixel": the same first layer; each stride-2 layer as one stride-1 3x3 convolution producing the four
       output phases (4*Cout channels, 2.25x the FLOPs: zero taps) followed by depth-to-space;
     - "dilated": `lax.conv_transpose` (an lhs-dilated convolution; its backward is slow on XLA:CPU, jax#23783).
@@ -212,9 +124,9 @@ class TorchConvTranspose(nn.Module):
         if self.impl != "dilated" and (self.stride, self.padding, h, w) == (1, 0, 1, 1):
             return jnp.einsum("nc,yxco->nyxo", x[:, 0, 0, :], kernel[::-1, ::-1]) + bias
         if self.impl == "taps" and (self.stride, self.padding) == (2, 1):
-            return _stride2_tap_matmul(x, kernel) + bias
+            return tuned.stride2_tap_matmul(x, kernel) + bias
         if self.impl == "subpixel" and (self.stride, self.padding) == (2, 1):
-            return _stride2_phase_conv(x, kernel) + bias
+            return tuned.stride2_phase_conv(x, kernel) + bias
         pad = 4 - 1 - self.padding
         y = jax.lax.conv_transpose(x, kernel, (self.stride, self.stride), ((pad, pad), (pad, pad)),
                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -232,19 +144,21 @@ class ConvDecoder(nn.Module):
     nc: int = 1
     activation: str = "elu"
     deconv_impl: str = "taps"  # how the transposed convolutions are computed (TorchConvTranspose)
+    kernels: str = "xla_cpu"  # "autodiff": JAX's own primitives only (KERNELS), deconv_impl then "dilated"
 
     @nn.compact
     def __call__(self, z: jax.Array, batch_size: int | None = None) -> jax.Array:
         """`batch_size`: z holds one latent standing for that many equal ones (see BatchStatNorm)."""
         act = ACTIVATIONS[self.activation]
+        impl = self.deconv_impl if self.kernels == "xla_cpu" else "dilated"
         x = z[:, None, None, :]
         widths = (4 * self.ngf, 2 * self.ngf, self.ngf)
         for i, width in enumerate(widths):
             first = i == 0
             x = TorchConvTranspose(width, stride=1 if first else 2, padding=0 if first else 1,
-                                   impl=self.deconv_impl, name=f"deconv{i + 1}")(x)
-            x = act(BatchStatNorm(name=f"bn{i + 1}")(x, batch_size))
-        x = TorchConvTranspose(self.nc, stride=2, padding=1, impl=self.deconv_impl, name="deconv4")(x)
+                                   impl=impl, name=f"deconv{i + 1}")(x)
+            x = act(BatchStatNorm(kernels=self.kernels, name=f"bn{i + 1}")(x, batch_size))
+        x = TorchConvTranspose(self.nc, stride=2, padding=1, impl=impl, name="deconv4")(x)
         return nn.sigmoid(x)
 
 
@@ -277,11 +191,7 @@ class TorchConv(nn.Module):
         if (h, w, p) == (4, 4, 0):
             return (x.reshape(n, -1) @ kernel.reshape(-1, self.features)).reshape(n, 1, 1, -1) + bias
         if cin <= IM2COL_MAX_IN_FEATURES:
-            padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-            ho, wo = (h + 2 * p - 4) // s + 1, (w + 2 * p - 4) // s + 1
-            patches = jnp.concatenate([padded[:, ky:ky + s * (ho - 1) + 1:s, kx:kx + s * (wo - 1) + 1:s, :]
-                                       for ky in range(4) for kx in range(4)], axis=-1)  # (.., (ky, kx, c))
-            return (patches @ kernel.reshape(16 * cin, self.features)) + bias
+            return tuned.im2col_conv(x, kernel, s, p) + bias
         y = jax.lax.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)),
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return y + bias
@@ -302,6 +212,7 @@ class ConvEncoder(nn.Module):
     nz: int = 256
     ngf: int = 16
     activation: str = "elu"
+    kernels: str = "xla_cpu"  # KERNELS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -309,7 +220,7 @@ class ConvEncoder(nn.Module):
         widths = (self.ngf, 2 * self.ngf, 4 * self.ngf)
         for i, width in enumerate(widths):
             x = TorchConv(width, stride=2, padding=1, name=f"conv{i + 1}")(x)
-            x = act(BatchStatNorm(name=f"bn{i + 1}")(x))
+            x = act(BatchStatNorm(kernels=self.kernels, name=f"bn{i + 1}")(x))
         x = act(TorchConv(self.nz, stride=1, padding=0, name="conv4")(x))
         return x.reshape(x.shape[0], -1)
 
@@ -337,12 +248,14 @@ class _LatentImageModel(nn.Module):
     nc: int = 1
     activation: str = "elu"
     deconv_impl: str = "taps"
+    kernels: str = "xla_cpu"
 
     def _decoder(self) -> ConvDecoder:
-        return ConvDecoder(ngf=self.ngf, nc=self.nc, activation=self.activation, deconv_impl=self.deconv_impl)
+        return ConvDecoder(ngf=self.ngf, nc=self.nc, activation=self.activation, deconv_impl=self.deconv_impl,
+                           kernels=self.kernels)
 
     def _encoder(self) -> ConvEncoder:
-        return ConvEncoder(nz=self.nz, ngf=self.ngf, activation=self.activation)
+        return ConvEncoder(nz=self.nz, ngf=self.ngf, activation=self.activation, kernels=self.kernels)
 
     def decode(self, z: jax.Array) -> jax.Array:
         return self.decoder(z)

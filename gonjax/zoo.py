@@ -93,7 +93,8 @@ def _prior_sampler(module):
 
 def gon(config: Config, nc: int) -> Model:
     """GON (GON-SPEC 4.1), detached GON (4.2) and the latent-init ablation (9), on the conv decoder."""
-    decoder = ConvDecoder(ngf=config.ngf, nc=nc, activation=config.activation, deconv_impl=config.deconv_impl)
+    decoder = ConvDecoder(ngf=config.ngf, nc=nc, activation=config.activation, deconv_impl=config.deconv_impl,
+                          kernels=config.kernels)
     nz, sigma, detach = config.nz, config.latent_sigma, config.detach
 
     def decode(params, batch_stats, z, batch_size, stats):
@@ -146,7 +147,7 @@ def vgon_noise(rng: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> tup
 def vgon(config: Config, nc: int) -> Model:
     """Variational GON (GON-SPEC 2.3, 4.3): the origin step on BCE + KLD, fresh noise in each pass."""
     function = VariationalGONFunction(nz=config.nz, ngf=config.ngf, nc=nc, activation=config.activation,
-                        deconv_impl=config.deconv_impl)
+                                      deconv_impl=config.deconv_impl, kernels=config.kernels)
     nz = config.nz
 
     def apply(params, batch_stats, images, rng, step=0):
@@ -174,7 +175,7 @@ def vgon(config: Config, nc: int) -> Model:
 def ae(config: Config, nc: int) -> Model:
     """Conv autoencoder baseline (GON-SPEC 2.2, 4.5): the GON loss on Dec(Enc(x))."""
     module = ConvAutoencoder(nz=config.nz, ngf=config.ngf, nc=nc, activation=config.activation,
-                        deconv_impl=config.deconv_impl)
+                             deconv_impl=config.deconv_impl, kernels=config.kernels)
 
     def apply(params, batch_stats, images, rng, step=0):
         reconstruction, batch_stats = _stateful_apply(module, params, batch_stats, images)
@@ -192,7 +193,7 @@ def vae_noise(rng: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.
 def vae(config: Config, nc: int) -> Model:
     """VAE baseline (GON-SPEC 2.2, 4.5): BCE + KLD with the encoder's mu and logvar, eps drawn on every call."""
     module = ConvVAE(nz=config.nz, ngf=config.ngf, nc=nc, activation=config.activation,
-                        deconv_impl=config.deconv_impl)
+                     deconv_impl=config.deconv_impl, kernels=config.kernels)
     nz = config.nz
 
     def apply(params, batch_stats, images, rng, step=0):

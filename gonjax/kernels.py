@@ -1,0 +1,132 @@
+"""Kernels tuned for XLA:CPU (benchmarks/README.md measures them): the same functions as JAX's own primitives,
+written so that their forward and backward passes run as matmuls where XLA:CPU's reductions, transposed
+convolutions and small convolutions are slow.
+
+- `channel_sum` / `channel_broadcast`: batch norm's per-channel sums as matmuls with a ones vector, each the
+  other's VJP (custom_vjp), so the backward and double-backward reductions are matmuls too;
+- `stride2_tap_matmul`: a stride-2, k=4, padding-1 transposed convolution as one matmul giving every input
+  pixel's 16 taps, summed into their output pixels (`_sum_taps` / `_gather_taps`, each the other's VJP);
+- `stride2_phase_conv`: the same as one 3x3 convolution to the four output phases, then depth-to-space;
+- `im2col_conv`: a convolution of a narrow input as patches times one matmul.
+
+The custom-VJP pairs have no forward-mode rule: `jax.jvp`, `jax.linearize`, `jax.hessian` cannot pass them.
+Models built with `Config(kernels="autodiff")` use JAX's own primitives instead (`models.BatchStatNorm`,
+`models.TorchConvTranspose`), the same function in every transform (tests/test_transforms.py).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@jax.custom_vjp
+def channel_sum(x: jax.Array) -> jax.Array:
+    """Sum over every axis but the last, as a matmul with a ones vector (XLA:CPU's column reductions are
+    several times slower). Linear; `channel_broadcast` and this are each other's VJP, so batch norm's
+    backward and double-backward reductions are matmuls too."""
+    flat = x.reshape(-1, x.shape[-1])
+    return jnp.ones((flat.shape[0],), x.dtype) @ flat
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def channel_broadcast(v: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """v (C,) broadcast to `shape` (..., C); its VJP is `channel_sum`."""
+    return jnp.broadcast_to(v, shape)
+
+
+channel_sum.defvjp(lambda x: (channel_sum(x), x.shape), lambda shape, g: (channel_broadcast(g, shape),))
+channel_broadcast.defvjp(lambda v, shape: (channel_broadcast(v, shape), None),
+                          lambda shape, _, g: (channel_sum(g),))
+
+
+# Stride-2, padding-1 transposed convolution by output phase: (phase a, input offset dy - 1, kernel row), where
+# output row 2i + a gathers input row i + dy - 1 through row `ky` of the flax kernel (the flipped PyTorch one).
+_PHASES = ((0, 0, 0), (0, 1, 2), (1, 1, 1), (1, 2, 3))
+
+
+def _phase_selector() -> np.ndarray:
+    """(3, 2, 4) 0/1 table: [offset dy, phase a, kernel row ky] = 1 where `_PHASES` pairs them."""
+    table = np.zeros((3, 2, 4), np.float32)
+    for a, dy, ky in _PHASES:
+        table[dy, a, ky] = 1.0
+    return table
+
+
+def _subpixel_kernel(kernel: jax.Array) -> jax.Array:
+    """(4, 4, Cin, Cout) transposed-conv kernel -> (3, 3, Cin, 4*Cout) stride-1 kernel of its four phases.
+
+    One exact contraction with a constant 0/1 table (a chain of scatters compiles and runs slower)."""
+    cin, cout = kernel.shape[2], kernel.shape[3]
+    select = jnp.asarray(_phase_selector(), kernel.dtype)
+    phased = jnp.einsum("yak,xbl,klco->yxcabo", select, select, kernel, precision=jax.lax.Precision.HIGHEST)
+    return phased.reshape(3, 3, cin, 4 * cout)
+
+
+def _depth_to_space(phases: jax.Array) -> jax.Array:
+    """(N, H, W, 2, 2, C) output phases [.., a, b, c] -> (N, 2H, 2W, C) image, pixel (2i + a, 2j + b)."""
+    n, h, w, _, _, c = phases.shape
+    return phases.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, c)
+
+
+def stride2_phase_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Stride-2 transposed conv as one 3x3 stride-1 convolution to the four phases, then depth-to-space."""
+    n, h, w, _ = x.shape
+    y = jax.lax.conv_general_dilated(x, _subpixel_kernel(kernel), (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return _depth_to_space(y.reshape(n, h, w, 2, 2, kernel.shape[-1]))
+
+
+@jax.custom_vjp
+def _sum_taps(taps: jax.Array) -> jax.Array:
+    """col2im of a stride-2, k=4, padding-1 transposed conv: taps (N, H, W, 2, 2, 2, 2, C) of every input pixel,
+    indexed (my, mx, a, b) for kernel tap (2 my + a, 2 mx + b), -> sums U (N, H+1, W+1, 2, 2, C) with output
+    pixel (2i + a, 2j + b) = U[i + a, j + b, a, b].
+
+    By `_PHASES`, kernel row ky = 2m + a of input row p feeds output row 2i + a with p = i + m + a - 1, so
+    U[q, a] = the sum over m of tap (m, a) of input row q + m - 1 (zero outside the image), in both axes.
+    Linear; `_gather_taps` and this are each other's VJP (autodiff would transpose the shifted slices into
+    padded copies summed, several times slower on XLA:CPU)."""
+    return sum(jnp.pad(taps[:, :, :, my, mx], ((0, 0), (1 - my, my), (1 - mx, mx), (0, 0), (0, 0), (0, 0)))
+               for my in (0, 1) for mx in (0, 1))
+
+
+@jax.custom_vjp
+def _gather_taps(sums: jax.Array) -> jax.Array:
+    """Transpose of `_sum_taps`: sums (N, H+1, W+1, 2, 2, C) -> taps (N, H, W, 2, 2, 2, 2, C), tap
+    (my, mx, a, b) of pixel (i, j) reading sums[i + 1 - my, j + 1 - mx, a, b]."""
+    h, w = sums.shape[1] - 1, sums.shape[2] - 1
+    return jnp.stack([jnp.stack([sums[:, 1 - my:1 - my + h, 1 - mx:1 - mx + w] for mx in (0, 1)], axis=3)
+                      for my in (0, 1)], axis=3)
+
+
+_sum_taps.defvjp(lambda taps: (_sum_taps(taps), None), lambda _, g: (_gather_taps(g),))
+_gather_taps.defvjp(lambda sums: (_gather_taps(sums), None), lambda _, g: (_sum_taps(g),))
+
+
+def stride2_tap_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Stride-2 transposed conv as one matmul giving every input pixel's 16 taps, then their sum per output
+    pixel (`_sum_taps`) and depth-to-space. The true FLOPs (no zero taps)."""
+    n, h, w, cin = x.shape
+    cout = kernel.shape[-1]
+    weights = kernel.reshape(2, 2, 2, 2, cin, cout).transpose(4, 0, 2, 1, 3, 5).reshape(cin, 16 * cout)
+    sums = _sum_taps((x.reshape(-1, cin) @ weights).reshape(n, h, w, 2, 2, 2, 2, cout))
+    phases = jnp.stack([jnp.stack([sums[:, a:a + h, b:b + w, a, b] for b in (0, 1)], axis=3) for a in (0, 1)],
+                       axis=3)
+    return _depth_to_space(phases)
+
+
+
+
+def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """Cross-correlation of x (N, H, W, Cin) with kernel (k, k, Cin, Cout) as its unfolded patches (im2col) times
+    one matmul: on XLA:CPU the weight gradient of the image layer is 1.5x faster so than as a convolution."""
+    n, h, w, cin = x.shape
+    k, s, p = kernel.shape[0], stride, padding
+    padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    patches = jnp.concatenate([padded[:, ky:ky + s * (ho - 1) + 1:s, kx:kx + s * (wo - 1) + 1:s, :]
+                               for ky in range(k) for kx in range(k)], axis=-1)  # (.., (ky, kx, c))
+    return patches @ kernel.reshape(k * k * cin, kernel.shape[-1])
