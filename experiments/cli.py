@@ -100,9 +100,10 @@ def default_workdir(config: Config) -> Path:
 
 
 # Set by the first Ctrl-C or SIGTERM; the work polls it at safe points (before every training step, between
-# evaluation and rendering batches) and stops there with KeyboardInterrupt. The handler does not raise itself:
-# an exception raised at an arbitrary bytecode, e.g. inside JAX's compilation, left XLA objects that crashed
-# the interpreter at exit (a segfault after the "interrupted" line). A second signal raises at once.
+# evaluation and rendering batches), waits for the computations in flight, and stops there with
+# KeyboardInterrupt. The handler does not raise itself: an exception raised at an arbitrary bytecode (e.g. inside
+# JAX's compilation), or an exit while dispatched steps still ran, crashed the interpreter at exit (a segfault
+# after the "interrupted" line, on MNIST). A second signal raises at once.
 STOP = threading.Event()
 
 
