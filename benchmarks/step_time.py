@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import os
 import platform
@@ -36,6 +37,7 @@ import optax
 import torch
 
 from benchmarks import floor
+from benchmarks import peer_reference as pr
 from benchmarks import torch_reference as tr
 from gonjax import train, xla, zoo
 from gonjax.config import Config
@@ -47,10 +49,16 @@ class Benchmark:
     """A model as both frameworks run it."""
 
     config: Callable[[argparse.Namespace], Config]
-    torch_model: Callable[..., torch.nn.Module]  # (nz=, ngf=, nc=) -> module
+    torch_model: Callable[[Config, int], torch.nn.Module]  # (config, nc) -> module
     torch_train_step: Callable  # (module, optimizer, images, config) -> anything
     torch_reconstruct: Callable  # (module, images, config) -> reconstruction, as in evaluation (no param grads)
     default_shape: tuple[int, int, int] = (32, 32, 1)  # HxWxC when --dataset-shape is not given
+    port: Callable[[torch.nn.Module], dict] = tr.flax_variables  # the module's weights in gonjax's layout
+    reference: str = "torch_reference"  # what the PyTorch side is
+
+
+def _conv_torch_model(module_class):
+    return lambda config, nc: module_class(nz=config.nz, ngf=config.ngf, nc=nc)
 
 
 def _gon_benchmark(detach: bool) -> Benchmark:
@@ -61,7 +69,7 @@ def _gon_benchmark(detach: bool) -> Benchmark:
     return Benchmark(
         config=lambda args: Config(model="gon", ngf=args.ngf, nz=args.nz, detach=detach,
                                    deconv_impl=args.deconv_impl, origin_shortcut=args.origin_shortcut),
-        torch_model=tr.ConvDecoder,
+        torch_model=_conv_torch_model(tr.ConvDecoder),
         torch_train_step=lambda module, opt, images, config: tr.gon_train_step(module, opt, images, config.nz,
                                                                               config.detach),
         torch_reconstruct=evaluate,
@@ -90,34 +98,87 @@ def _implicit_evaluate(siren, images_nchw, config):
     return tr.implicit_gon_forward(siren, images_nchw.permute(0, 2, 3, 1), train=False)[3]
 
 
+def _implicit_dataset(args: argparse.Namespace) -> str:
+    """The dataset whose native size and channels match --dataset-shape (28: MNIST; 32: COIL-20 or CIFAR-10)."""
+    return {28: "mnist", 32: "coil20" if args.shape[2] == 1 else "cifar10"}[args.shape[0]]
+
+
+# Rows against gon-pytorch 0.1.1 (benchmarks/peer_reference.py): its GON (N latent updates, its BCE losses) around
+# the spec's conv decoder, or around its modulated SIREN decoder; gonjax with the same variants.
+def _peer_inputs(gon, images_nchw):
+    """The package's (coords, target) for NCHW images: the conv GON reads NCHW targets and no coordinates; the
+    SIREN reads (B, H, W, 2) coordinates and NHWC targets."""
+    if isinstance(gon.decoder, pr.ConvLatentDecoder):
+        return None, images_nchw
+    n, _, size, _ = images_nchw.shape
+    grid = tr.coordinate_grid(size, images_nchw.dtype).to(images_nchw.device).reshape(1, size, size, 2)
+    return grid.expand(n, size, size, 2), images_nchw.permute(0, 2, 3, 1)
+
+
+def _peer_train_step(gon, optimizer, images_nchw, config):
+    return pr.peer_train_step(gon, optimizer, *_peer_inputs(gon, images_nchw))
+
+
+def _peer_reconstruct(gon, images_nchw, config):
+    """Latents by the package's N updates (it always keeps their graph), then one decode without gradients."""
+    coords, target = _peer_inputs(gon, images_nchw)
+    latent, _ = gon.infer_latents(coords, target)
+    with torch.no_grad():
+        output = gon(coords, latent.detach())
+    return output if coords is None else output.permute(0, 3, 1, 2)
+
+
+def _peer_model(config: Config, nc: int) -> torch.nn.Module:
+    if config.model == "gon":
+        decoder = pr.ConvLatentDecoder(tr.ConvDecoder(nz=config.nz, ngf=config.ngf, nc=nc), config.nz)
+    else:
+        decoder = pr.implicit_decoder(config, nc)
+    return pr.peer_gon(decoder, config)
+
+
+def _peer_benchmark(model: str, **variants) -> Benchmark:
+    def config(args):
+        if model == "gon":
+            return Config(model="gon", ngf=args.ngf, nz=args.nz, deconv_impl=args.deconv_impl,
+                          origin_shortcut=args.origin_shortcut, loss="peer_bce", **variants)
+        return Config(model="implicit_gon", nz=32, origin_shortcut=args.origin_shortcut,
+                      dataset=_implicit_dataset(args), loss="peer_bce", **variants)
+
+    return Benchmark(config=config, torch_model=_peer_model, torch_train_step=_peer_train_step,
+                     torch_reconstruct=_peer_reconstruct, default_shape=(32, 32, 1) if model == "gon" else (28, 28, 1),
+                     port=pr.flax_variables, reference=f"gon-pytorch {importlib.metadata.version('gon-pytorch')}")
+
+
 BENCHMARKS = {
     "gon": _gon_benchmark(False),
     "gon_detached": _gon_benchmark(True),
     "vgon": Benchmark(
         config=lambda args: Config(model="vgon", ngf=args.ngf, nz=args.nz, deconv_impl=args.deconv_impl),
-        torch_model=tr.VariationalGON,
+        torch_model=_conv_torch_model(tr.VariationalGON),
         torch_train_step=lambda m, opt, x, config: tr.vgon_train_step(m, opt, x, _noise(x, config),
                                                                       _noise(x, config)),
         torch_reconstruct=_vgon_evaluate),
     "ae": Benchmark(
         config=lambda args: Config(model="ae", ngf=args.ngf, nz=args.nz, deconv_impl=args.deconv_impl),
-        torch_model=tr.ConvAutoencoder,
+        torch_model=_conv_torch_model(tr.ConvAutoencoder),
         torch_train_step=lambda m, opt, x, config: tr.ae_train_step(m, opt, x),
         torch_reconstruct=_ae_evaluate),
     "implicit_gon": Benchmark(
         config=lambda args: Config(model="implicit_gon", nz=32, origin_shortcut=args.origin_shortcut,
-                                   dataset={28: "mnist", 32: "coil20" if args.shape[2] == 1 else "cifar10"}[
-                                       args.shape[0]]),
-        torch_model=lambda nz, ngf, nc: tr.Siren(nz=nz, nc=nc),
+                                   dataset=_implicit_dataset(args)),
+        torch_model=lambda config, nc: tr.Siren(nz=config.nz, nc=nc),
         torch_train_step=lambda m, opt, x, config: tr.implicit_gon_train_step(m, opt, x.permute(0, 2, 3, 1)),
         torch_reconstruct=_implicit_evaluate,
         default_shape=(28, 28, 1)),
     "vae": Benchmark(
         config=lambda args: Config(model="vae", ngf=args.ngf, nz=args.nz, deconv_impl=args.deconv_impl),
-        torch_model=tr.ConvVAE,
+        torch_model=_conv_torch_model(tr.ConvVAE),
         torch_train_step=lambda m, opt, x, config: tr.vae_train_step(m, opt, x, _noise(x, config)),
         torch_reconstruct=_vae_evaluate),
+    "gon_n3": _peer_benchmark("gon", latent_updates=3),
+    "implicit_mod": _peer_benchmark("implicit_gon", modulation=True),
 }
+IMPLICIT_ROWS = ("implicit_gon", "implicit_mod")
 
 
 def _summary(samples_s: list[float]) -> dict:
@@ -137,9 +198,9 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
     args = argparse.Namespace(**{**vars(args), "shape": args.shape or bench.default_shape})
     config = bench.config(args)
     h, w, c = args.shape
-    if name != "implicit_gon" and (h, w) != (32, 32):
+    if name not in IMPLICIT_ROWS and (h, w) != (32, 32):
         raise SystemExit(f"the conv models read 32x32xC images, not {h}x{w}x{c}")
-    if name == "implicit_gon" and (h, w) not in ((28, 28), (32, 32)):
+    if name in IMPLICIT_ROWS and (h, w) not in ((28, 28), (32, 32)):
         raise SystemExit(f"the Implicit GON benchmark reads 28x28 or 32x32 images, not {h}x{w}")
     rng = np.random.default_rng(0)
     batches = rng.uniform(size=(args.distinct_batches, args.batch_size, h, w, c)).astype(np.float32)
@@ -147,8 +208,8 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
     jax_device = jax.devices()[0]
     torch_device = torch.device("cuda" if jax_device.platform == "gpu" and torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    module = bench.torch_model(nz=config.nz, ngf=config.ngf, nc=c).to(torch_device)
-    variables = tr.flax_variables(module)
+    module = bench.torch_model(config, c).to(torch_device)
+    variables = bench.port(module)
     optimizer = tr.make_adam(module, config.lr)
     torch_batches = [tr.nhwc(b).to(torch_device) for b in batches]
 
@@ -232,11 +293,13 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
     jax_ips, torch_ips = statistics.median(jax_eval), statistics.median(torch_eval)
     result = {
         "model": name,
+        "reference": bench.reference,
+        "latent_updates": config.latent_updates, "loss": config.loss, "modulation": config.modulation,
         "device": f"{jax_device.platform}:{jax_device.device_kind}",
         "torch_device": str(torch_device),
         "batch_size": args.batch_size, "ngf": config.ngf, "nz": config.nz, "dataset_shape": list(args.shape),
-        "deconv_impl": config.deconv_impl if name != "implicit_gon" else None,
-        "origin_shortcut": config.origin_shortcut if name in ("gon", "gon_detached", "implicit_gon") else None,
+        "deconv_impl": config.deconv_impl if name not in IMPLICIT_ROWS else None,
+        "origin_shortcut": config.origin_shortcut if config.model in ("gon", "implicit_gon") else None,
         "xla_compiler_options": options,
         "jax_ms": jax_ms["median"], "torch_ms": torch_ms["median"],
         "speedup": torch_ms["median"] / jax_ms["median"],
@@ -324,25 +387,27 @@ def main(argv=None) -> int:
     names = list(BENCHMARKS) if args.model == "all" else [args.model]
     rows = [run_benchmark(name, args) for name in names]
     env = environment()
-    print(f"{'model':<14}{'device':<18}{'jax ms':>10}{'(p25-p75)':>16}{'torch ms':>10}{'(p25-p75)':>16}"
+    print(f"{'model':<18}{'device':<18}{'jax ms':>10}{'(p25-p75)':>16}{'torch ms':>10}{'(p25-p75)':>16}"
           f"{'speedup':>9}{'compile s':>11}{'eval img/s jax':>16}{'torch':>9}{'ratio':>7}")
     for r in rows:
         j, t = r["jax_ms_spread"], r["torch_ms_spread"]
         j_range, t_range = f"{j['p25']:.1f}-{j['p75']:.1f}", f"{t['p25']:.1f}-{t['p75']:.1f}"
-        print(f"{r['model']:<14}{r['device']:<18}{r['jax_ms']:>10.2f}{j_range:>16}"
+        print(f"{r['model']:<18}{r['device']:<18}{r['jax_ms']:>10.2f}{j_range:>16}"
               f"{r['torch_ms']:>10.2f}{t_range:>16}{r['speedup']:>9.2f}"
               f"{r['jax_compile_s']:>11.2f}{r['jax_eval_images_per_s']:>16.0f}{r['torch_eval_images_per_s']:>9.0f}"
               f"{r['eval_speedup']:>7.2f}")
     if args.floor:
-        print(f"\n{'model':<14}{'GFLOP':>8}{'floor ms':>10}{'jax ms':>9}{'torch ms':>10}{'ceiling':>9}"
+        print(f"\n{'model':<18}{'GFLOP':>8}{'floor ms':>10}{'jax ms':>9}{'torch ms':>10}{'ceiling':>9}"
               f"{'eval GFLOP':>12}{'floor img/s':>13}{'jax img/s':>11}{'torch img/s':>13}{'ceiling':>9}")
         for r in rows:
-            print(f"{r['model']:<14}{r['floor_gflop']:>8.3f}{r['floor_ms']:>10.2f}{r['jax_ms']:>9.2f}"
+            print(f"{r['model']:<18}{r['floor_gflop']:>8.3f}{r['floor_ms']:>10.2f}{r['jax_ms']:>9.2f}"
                   f"{r['torch_ms']:>10.2f}{r['speedup_ceiling']:>9.2f}{r['eval_floor_gflop_per_batch']:>12.3f}"
                   f"{r['eval_floor_images_per_s']:>13.0f}{r['jax_eval_images_per_s']:>11.0f}"
                   f"{r['torch_eval_images_per_s']:>13.0f}{r['eval_speedup_ceiling']:>9.2f}")
         print("floor: the step's matmuls and convolutions alone; ceiling: torch time / floor time, the largest "
               "speedup those contractions allow")
+    print("gon_n3 (3 latent updates) and implicit_mod (modulated SIREN) run gon-pytorch's GON on the PyTorch "
+          "side, with its BCE losses on both")
     print(f"{env['processor']}, {env['cpu_count']} cores; jax {env['versions']['jax']} torch "
           f"{env['versions']['torch']}, threads {env['threads']}, float32 matmul precision "
           f"{env['float32_matmul_precision']}")

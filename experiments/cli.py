@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from gonjax.config import DATASETS, Config
+from gonjax.config import DATASETS, LOSSES, ORIGIN_MODELS, Config
 from gonjax.errors import GonjaxError
-from gonjax.models import ACTIVATIONS
+from gonjax.models import ACTIVATIONS, POSITION_ENCODINGS
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -59,6 +59,8 @@ def build_parser(prog: str, description: str, model: str) -> argparse.ArgumentPa
         parser.add_argument("--detach", action="store_true", help="detached GON: no gradient through the latent")
         parser.add_argument("--latent-sigma", type=float, default=defaults.latent_sigma,
                             help="start the latent at z0 ~ N(0, sigma^2) instead of the origin (ablation)")
+    if model in ORIGIN_MODELS:
+        _add_variant_flags(parser, model, defaults)
     if model in ("vgon", "vae"):
         parser.add_argument("--kl-weight", type=float, default=defaults.kl_weight, help="weight of the KLD")
         parser.add_argument("--kl-warmup-steps", type=int, default=defaults.kl_warmup_steps,
@@ -80,6 +82,32 @@ def build_parser(prog: str, description: str, model: str) -> argparse.ArgumentPa
                         help="evaluate on the first N batches of each split only (default: full passes, as the "
                              "spec's tables; records then carry eval_batches)")
     return parser
+
+
+def _add_variant_flags(parser: argparse.ArgumentParser, model: str, defaults: Config) -> None:
+    """The origin-step variants (docs/spec.md "Variants"): defaults are the spec's GON."""
+    variants = parser.add_argument_group("variants (defaults: the spec's)")
+    variants.add_argument("--latent-updates", type=int, default=defaults.latent_updates,
+                          help="N latent updates z <- z - step * grad L_in(z), each differentiable")
+    variants.add_argument("--latent-step-size", type=float, default=defaults.latent_step_size,
+                          help="the step of each latent update")
+    variants.add_argument("--learn-origin", action="store_true", help="train z0 as a parameter (start: zeros)")
+    if model == "vgon":
+        return
+    variants.add_argument("--loss", choices=LOSSES, default=defaults.loss,
+                          help="peer_bce: gon-pytorch's losses (inner BCE summed over the batch, outer BCE mean)")
+    if model != "implicit_gon":
+        return
+    variants.add_argument("--position-encoding", choices=POSITION_ENCODINGS, default=defaults.position_encoding,
+                          help="encode the coordinates: Gaussian Fourier features or NeRF's frequencies")
+    variants.add_argument("--fourier-features", type=int, default=defaults.fourier_features,
+                          help="width of the Fourier projection (2x as many features)")
+    variants.add_argument("--fourier-sigma", type=float, default=defaults.fourier_sigma,
+                          help="standard deviation of the Fourier projection")
+    variants.add_argument("--nerf-frequencies", type=int, default=defaults.nerf_frequencies,
+                          help="NeRF frequencies per coordinate")
+    variants.add_argument("--modulation", action="store_true",
+                          help="a modulated SIREN: the latent scales each hidden layer instead of joining the input")
 
 
 def config_from_args(args: argparse.Namespace, model: str) -> Config:

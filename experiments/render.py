@@ -76,7 +76,8 @@ def main(argv=None) -> int:
 
 def write_pictures(folder: Path, model, state, batch, latents, bank, args) -> None:
     def draw(latents, resolution):
-        return render.render(model, state.params, latents, resolution, should_stop=STOP.is_set)
+        return render.render(model, state.params, latents, resolution, should_stop=STOP.is_set,
+                             state=state.batch_stats)
 
     size = model.image_size
     columns = math.ceil(math.sqrt(args.n))

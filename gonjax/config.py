@@ -8,10 +8,12 @@ from pathlib import Path
 
 from gonjax.catalog import DATASETS
 from gonjax.errors import UsageError
-from gonjax.models import ACTIVATIONS, DECONV_IMPLS, KERNELS
+from gonjax.models import ACTIVATIONS, DECONV_IMPLS, KERNELS, POSITION_ENCODINGS
 
 
 MODEL_NAMES = ("gon", "vgon", "ae", "vae", "implicit_gon")
+ORIGIN_MODELS = ("gon", "vgon", "implicit_gon")  # the models whose latent comes from the origin step
+LOSSES = ("spec", "peer_bce")  # the spec's losses, or gon-pytorch's inner / outer BCE (gonjax.losses)
 
 
 def model_defaults(model: str, dataset: str) -> dict:
@@ -72,6 +74,17 @@ class Config:
     kernels: str = "xla_cpu"  # "autodiff": JAX's own primitives only, for jvp / linearize / hessian (gonjax.kernels)
     origin_shortcut: bool = True  # inner pass at z0 = 0 from one decoded example (gonjax.origin.origin_gradient)
     eval_batches: int | None = None  # evaluate on the first N batches of each split only (default: full passes)
+    # Variants of the origin step (docs/spec.md "Variants"; gon, vgon, implicit_gon). Defaults are the spec's.
+    latent_updates: int = 1  # N updates z <- z - latent_step_size * grad L_in(z), each differentiable
+    latent_step_size: float = 1.0
+    learn_origin: bool = False  # z0 a trained parameter (params["latent_origin"]), the same for every example
+    loss: str = "spec"  # "peer_bce": gon-pytorch's losses (gon, implicit_gon), see LOSSES
+    # Implicit GON variants: position encoding of the coordinates, modulated SIREN.
+    position_encoding: str = "none"  # POSITION_ENCODINGS
+    fourier_features: int = 32  # "fourier": the projection's width (2x as many features)
+    fourier_sigma: float = 1.0  # "fourier": standard deviation of the projection
+    nerf_frequencies: int = 10  # "nerf": frequencies per coordinate (2x as many features each)
+    modulation: bool = False
 
     def __post_init__(self):
         """Fill the settings left None from the spec's schedule for this model and dataset (`model_defaults`),
@@ -130,7 +143,36 @@ class Config:
             raise UsageError(f"--loss-reduction must be mean or sum, got {self.loss_reduction!r}")
         if self.kl_weight < 0 or self.kl_warmup_steps < 0:
             raise UsageError("--kl-weight and --kl-warmup-steps must be non-negative")
+        self._validate_variants()
         return self
+
+    def _validate_variants(self) -> None:
+        """The origin-step and SIREN variants: valid values, and only on the models that have them."""
+        if self.latent_updates < 1:
+            raise UsageError(f"--latent-updates must be at least 1, got {self.latent_updates}")
+        if not (math.isfinite(self.latent_step_size) and self.latent_step_size > 0):
+            raise UsageError(f"--latent-step-size must be a positive number, got {self.latent_step_size}")
+        origin_variants = {"latent_updates": self.latent_updates != 1, "latent_step_size": self.latent_step_size != 1,
+                           "learn_origin": self.learn_origin}
+        for name, used in origin_variants.items():
+            if used and self.model not in ORIGIN_MODELS:
+                raise UsageError(f"--{name.replace('_', '-')} applies to the origin-step models "
+                                 f"({', '.join(ORIGIN_MODELS)}), not {self.model}")
+        if self.loss not in LOSSES:
+            raise UsageError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.loss != "spec" and self.model not in ("gon", "implicit_gon"):
+            raise UsageError(f"--loss {self.loss} applies to gon and implicit_gon; {self.model} keeps its own loss")
+        if self.loss != "spec" and self.loss_reduction != "mean":
+            raise UsageError("--loss-reduction sum is the spec's MSE; it does not combine with --loss peer_bce")
+        if self.position_encoding not in POSITION_ENCODINGS:
+            raise UsageError(f"--position-encoding must be one of {', '.join(POSITION_ENCODINGS)}, "
+                             f"got {self.position_encoding!r}")
+        if (self.position_encoding != "none" or self.modulation) and self.model != "implicit_gon":
+            raise UsageError("--position-encoding and --modulation apply to implicit_gon only")
+        if self.fourier_features < 1 or self.nerf_frequencies < 1:
+            raise UsageError("--fourier-features and --nerf-frequencies must be at least 1")
+        if not (math.isfinite(self.fourier_sigma) and self.fourier_sigma > 0):
+            raise UsageError(f"--fourier-sigma must be a positive number, got {self.fourier_sigma}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

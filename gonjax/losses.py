@@ -40,3 +40,24 @@ def mse_per_image(reconstruction: jax.Array, target: jax.Array) -> jax.Array:
 def psnr(mse: jax.Array) -> jax.Array:
     """Peak signal-to-noise ratio in dB of images in [0, 1]: 10 log10(1 / MSE)."""
     return -10.0 * jnp.log10(mse)
+
+
+def clamped_bce(output: jax.Array, target: jax.Array) -> jax.Array:
+    """Element-wise binary cross-entropy with each log clamped at -100 (PyTorch's `binary_cross_entropy`, P's and
+    gon-pytorch's choice; J adds 1e-10 instead, `bce_per_image`)."""
+    log_p = jnp.maximum(jnp.log(output), -100.0)
+    log_not_p = jnp.maximum(jnp.log1p(-output), -100.0)
+    return -(target * log_p + (1 - target) * log_not_p)
+
+
+def peer_inner_bce(output: jax.Array, target: jax.Array) -> jax.Array:
+    """gon-pytorch's inner loss: `clamped_bce` summed over the batch, averaged over every other element.
+
+    It is batch_size times `peer_outer_bce`, so the latent step it gives is batch_size times as long.
+    """
+    return jnp.sum(clamped_bce(output, target)) / (target.size // target.shape[0])
+
+
+def peer_outer_bce(output: jax.Array, target: jax.Array) -> jax.Array:
+    """gon-pytorch's outer loss: `clamped_bce` averaged over every element."""
+    return jnp.mean(clamped_bce(output, target))

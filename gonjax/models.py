@@ -329,22 +329,77 @@ def _siren_kernel_init(w0: float):
     return init
 
 
+POSITION_ENCODINGS = ("none", "fourier", "nerf")
+
+
+class FourierFeatures(nn.Module):
+    """Gaussian Fourier features of coordinates: [sin(2 pi c B), cos(2 pi c B)], B ~ N(0, sigma^2) (in, features).
+
+    B is drawn once at initialisation from the init key and kept, untrained, in the `constants` collection, so it
+    is checkpointed with the run. Output width 2 * features (sines first).
+    """
+
+    features: int = 32
+    sigma: float = 1.0
+
+    @nn.compact
+    def __call__(self, coords: jax.Array) -> jax.Array:
+        projection = self.variable(
+            "constants", "projection",
+            lambda: self.sigma * jax.random.normal(self.make_rng("params"), (coords.shape[-1], self.features)))
+        x = 2 * jnp.pi * (coords @ projection.value.astype(coords.dtype))
+        return jnp.concatenate([jnp.sin(x), jnp.cos(x)], axis=-1)
+
+
+def nerf_encoding(coords: jax.Array, frequencies: int = 10) -> jax.Array:
+    """NeRF's position encoding: for each coordinate c, [sin(pi 2^k c) for k < n] then [cos(pi 2^k c) for k < n].
+
+    (..., d) -> (..., d * 2n), grouped by coordinate (all of coordinate 0's features first).
+    """
+    x = jnp.pi * coords[..., None] * (2.0 ** jnp.arange(frequencies, dtype=coords.dtype))
+    x = jnp.concatenate([jnp.sin(x), jnp.cos(x)], axis=-1)
+    return x.reshape(*coords.shape[:-1], -1)
+
+
+class ModulationNetwork(nn.Module):
+    """Per-layer SIREN modulations from a latent: m_1 = relu(W_1 z + b_1), m_i = relu(W_i [m_{i-1}, z] + b_i).
+
+    Returns `layers` arrays (B, hidden); each scales the output of one hidden SIREN layer (a modulated SIREN, as
+    gon-pytorch offers, instead of concatenating the latent to the coordinates). PyTorch Linear init.
+    """
+
+    hidden: int = 256
+    layers: int = 4
+
+    @nn.compact
+    def __call__(self, z: jax.Array) -> list[jax.Array]:
+        modulations, x = [], z
+        for i in range(self.layers):
+            m = nn.relu(torch_dense(self.hidden, x.shape[-1], f"layer{i + 1}")(x))
+            modulations.append(m)
+            x = jnp.concatenate([m, z], axis=-1)
+        return modulations
+
+
 class SirenInputLayer(nn.Module):
     """First SIREN layer on concat(coordinate, latent): sin(w0 (W_c c + W_z z + b)) -> (B, P, hidden).
 
-    The kernel is stored whole, (2 + latent, hidden), but the latent term W_z z + b is computed once per image and
-    broadcast over its pixels, never materialising the (B, P, 2 + latent) input (GON-SPEC 2.4).
+    The kernel is stored whole, (coordinate features + latent, hidden), but the latent term W_z z + b is computed
+    once per image and broadcast over its pixels, never materialising the (B, P, 2 + latent) input
+    (GON-SPEC 2.4). With z None (a modulated SIREN) the layer sees the coordinates only: (P, hidden).
     """
 
     hidden: int = 256
     w0: float = 30.0
 
     @nn.compact
-    def __call__(self, coords: jax.Array, z: jax.Array) -> jax.Array:
+    def __call__(self, coords: jax.Array, z: jax.Array | None) -> jax.Array:
         d = coords.shape[-1]
-        fan_in = d + z.shape[-1]
+        fan_in = d + (0 if z is None else z.shape[-1])
         kernel = self.param("kernel", _siren_first_kernel_init, (fan_in, self.hidden))
         bias = self.param("bias", symmetric_uniform(1.0 / fan_in ** 0.5), (self.hidden,))
+        if z is None:
+            return jnp.sin(self.w0 * (coords @ kernel + bias))
         per_image = z @ kernel[d:] + bias  # (B, hidden)
         per_pixel = coords @ kernel[:d]  # (P, hidden)
         return jnp.sin(self.w0 * (per_pixel[None, :, :] + per_image[:, None, :]))
@@ -354,20 +409,39 @@ class Siren(nn.Module):
     """The Implicit GON's SIREN (GON-SPEC 2.4): per pixel, concat(coordinate, latent) -> hidden sines -> nc.
 
     h = sin(w0 (W h + b)) with w0 = 30 in every hidden layer, output layer linear. Init per GON-SPEC 2.5.
+    Variants (docs/spec.md, "Variants"), all off by default: the coordinates through a position encoding
+    (`encoding` "fourier": `FourierFeatures`, "nerf": `nerf_encoding`); `modulation`: the latent no longer joins
+    the input but scales each hidden layer's sines by a `ModulationNetwork` output; `output_sigmoid`: a sigmoid
+    on the output (for BCE losses).
     """
 
     hidden: int = 256
     depth: int = 4  # hidden layers, each followed by a sine
     nc: int = 1
     w0: float = 30.0
+    encoding: str = "none"  # POSITION_ENCODINGS
+    fourier_features: int = 32
+    fourier_sigma: float = 1.0
+    nerf_frequencies: int = 10
+    modulation: bool = False
+    output_sigmoid: bool = False
 
     @nn.compact
     def __call__(self, coords: jax.Array, z: jax.Array) -> jax.Array:
         """coords (P, 2) shared by the batch, z (B, latent) -> (B, P, nc)."""
-        h = SirenInputLayer(self.hidden, self.w0, name="hidden1")(coords, z)
+        if self.encoding == "fourier":
+            coords = FourierFeatures(self.fourier_features, self.fourier_sigma, name="fourier")(coords)
+        elif self.encoding == "nerf":
+            coords = nerf_encoding(coords, self.nerf_frequencies)
+        modulations = ModulationNetwork(self.hidden, self.depth, name="modulation")(z) if self.modulation else None
+        h = SirenInputLayer(self.hidden, self.w0, name="hidden1")(coords, None if self.modulation else z)
         bias_init = symmetric_uniform(1.0 / self.hidden ** 0.5)
-        for i in range(1, self.depth):
-            layer = nn.Dense(self.hidden, kernel_init=_siren_kernel_init(self.w0), bias_init=bias_init,
-                             name=f"hidden{i + 1}")
-            h = jnp.sin(self.w0 * layer(h))
-        return nn.Dense(self.nc, kernel_init=_siren_kernel_init(self.w0), bias_init=bias_init, name="out")(h)
+        for i in range(self.depth):
+            if i:
+                layer = nn.Dense(self.hidden, kernel_init=_siren_kernel_init(self.w0), bias_init=bias_init,
+                                 name=f"hidden{i + 1}")
+                h = jnp.sin(self.w0 * layer(h))
+            if modulations is not None:
+                h = h * modulations[i][:, None, :]  # the first layer's (P, hidden) becomes (B, P, hidden)
+        out = nn.Dense(self.nc, kernel_init=_siren_kernel_init(self.w0), bias_init=bias_init, name="out")(h)
+        return nn.sigmoid(out) if self.output_sigmoid else out

@@ -13,9 +13,15 @@ and scores z with the same fit. The outer loss is differentiable through z (reve
 `create_graph=True`) unless `detach=True`, which makes z a constant (GON-SPEC 4.2). The inner pass gets its own
 rng, independent of the outer pass, so stochastic fits (V-GON) draw fresh noise in each.
 
-At z0 = 0 a deterministic decoder produces the same output for every example, batch-statistics BN included, so
-an `OriginShortcut` lets the inner pass decode one example instead of the batch (`origin_gradient`): the same
-latent, inner loss and state, and the same derivatives, at a fraction of the inner pass's cost.
+Variants (docs/spec.md, "Variants"): N latent updates z_{k+1} = z_k - eta grad_z L_in(z_k), each differentiable
+(second order through all N), an inner loss other than the outer one, and a z0 that is a trained parameter (the
+same for every example, so the shortcut below still applies to the first update).
+
+When every example starts from the same z0 (the origin, or a learned one), a deterministic decoder produces the
+same output for every example, batch-statistics BN included, so an `OriginShortcut` lets the first inner pass
+decode one example instead of the batch (`origin_gradient`): the same latent, inner loss and state, and the same
+derivatives, at a fraction of the inner pass's cost. Later updates start from per-example latents and run the
+batched fit.
 
 Everything here is pure; callers jit it.
 """
@@ -31,12 +37,13 @@ Fit = Callable[[Any, Any, jax.Array, Any, jax.Array], tuple[jax.Array, tuple[Any
 
 
 class OriginResult(NamedTuple):
-    """What one origin step produced besides the outer loss."""
+    """What the origin step produced besides the outer loss."""
 
-    latent: jax.Array  # z = z0 - grad_z0 L_in
-    inner_loss: jax.Array  # L_in(z0)
-    state: Any  # model state after the inner and then the outer pass
-    output: Any  # fit output at z (the reconstruction)
+    latent: jax.Array  # z_N, after the last latent update
+    inner_loss: jax.Array  # L_in(z0), the inner loss at the start
+    state: Any  # model state after the inner passes and then the outer pass
+    output: Any  # fit output at z_N (the reconstruction)
+    inner_losses: jax.Array | None = None  # (N,): L_in(z_k) of every update k = 0 .. N-1
 
 
 def initial_latent(rng: jax.Array, shape: tuple[int, ...], sigma: float, dtype=jnp.float32) -> jax.Array:
@@ -73,51 +80,66 @@ class OriginShortcut(NamedTuple):
         return self.loss(output, batch), (state, output)
 
 
-def origin_gradient(shortcut: OriginShortcut, params, state, batch, latent_shape: tuple[int, ...], dtype):
-    """(grad_z L at z = 0, L(0), state, outputs at 0) with one example decoded (GON-SPEC 4.1, z0 = 0).
+def origin_gradient(shortcut: OriginShortcut, params, state, batch, origin: jax.Array):
+    """(grad_z L at z = z0, L(z0), state, outputs at z0) with one example decoded, where every example starts from
+    the same latent z0 (GON-SPEC 4.1: z0 = 0). `origin`: that latent, shape (1, ...).
 
     With equal latents, the batched decoder's vector-Jacobian product splits along the output cotangents G:
     their batch mean g (every example the same) maps to the VJP of the one-example decoder, statistics included;
     the rest H = G - g sums to zero over the batch, so it puts no cotangent on the batch statistics and maps
     through the decoder with statistics held fixed, example by example. Both VJPs reuse the forward residuals of
-    one example; only the second runs over the batch (vmapped). The identity holds for every parameter value,
-    so derivatives through the latent are exact too.
+    one example; only the second runs over the batch (vmapped). The identity holds for every parameter value and
+    every shared z0, so derivatives through the latent (and through a learned z0) are exact too.
     """
     batch_size = batch.shape[0]
-    z = jnp.zeros((1, *latent_shape[1:]), dtype)
     output, vjp_shared, (stats, state) = jax.vjp(
-        lambda z: shortcut.decode(params, state, z, batch_size, None), z, has_aux=True)
+        lambda z: shortcut.decode(params, state, z, batch_size, None), origin, has_aux=True)
     outputs = jnp.broadcast_to(output, (batch_size, *output.shape[1:]))
     loss, cotangents = jax.value_and_grad(shortcut.loss)(outputs, batch)
     mean = jnp.mean(cotangents, axis=0, keepdims=True)
     if jax.tree_util.tree_leaves(stats):
-        _, vjp_fixed = jax.vjp(lambda z: shortcut.decode(params, state, z, batch_size, stats), z)
+        _, vjp_fixed = jax.vjp(lambda z: shortcut.decode(params, state, z, batch_size, stats), origin)
         grad = vjp_shared(mean)[0] + jax.vmap(lambda h: vjp_fixed(h[None])[0][0])(cotangents - mean)
     else:  # no statistics: both parts are the same per-example VJP
         grad = jax.vmap(lambda g: vjp_shared(g[None])[0][0])(cotangents)
     return grad, loss, state, outputs
 
 
+def update_key(rng_inner: jax.Array, k: int) -> jax.Array:
+    """The key of the inner pass of latent update k: the inner pass's key itself for the first update (so one
+    update draws what it always drew), fold_in(key, k) for later ones."""
+    return rng_inner if k == 0 else jax.random.fold_in(rng_inner, k)
+
+
 def origin_step(fit: Fit, params, state, batch, rng: jax.Array, z0: jax.Array, *,
-                detach: bool = False, shortcut: OriginShortcut | None = None) -> tuple[jax.Array, OriginResult]:
-    """Outer loss L(z) at the latent z = z0 - grad_z0 L(z0), and what produced it.
+                detach: bool = False, shortcut: OriginShortcut | None = None, updates: int = 1,
+                step_size: float = 1.0, inner_fit: Fit | None = None) -> tuple[jax.Array, OriginResult]:
+    """Outer loss L(z_N) after N = `updates` latent updates z_{k+1} = z_k - step_size * grad_z L_in(z_k) from z0,
+    and what produced it (GON-SPEC 4.1 is N = 1, step size 1, L_in = L).
 
-    Differentiate the returned loss with respect to `params` to train: the gradient flows through z unless
-    `detach`. The state the inner pass returns is threaded into the outer pass, as two PyTorch forward passes
-    would update BN running averages twice. `shortcut` (the same fit, split) computes the inner pass with
-    `origin_gradient`; pass it only when z0 is the origin.
+    Differentiate the returned loss with respect to `params` to train: the gradient flows through every update
+    (second order, PyTorch's `create_graph=True` at each) unless `detach`, which makes z_N a constant. `inner_fit`
+    (default `fit`) scores the latent in the updates. The state each pass returns is threaded into the next, as
+    successive PyTorch forward passes update BN running averages. `shortcut` (the inner fit, split) computes the
+    first update with `origin_gradient`; pass it only when all rows of z0 are equal (z0[:1] is used). Python
+    int `updates` is static: the N updates unroll into the traced program.
     """
+    if updates < 1:
+        raise ValueError(f"updates must be at least 1, got {updates}")
+    inner_fit = fit if inner_fit is None else inner_fit
     rng_inner, rng_outer = pass_keys(rng)
+    latent, inner_losses = z0, []
+    for k in range(updates):
+        if k == 0 and shortcut is not None:
+            grad, loss_k, state, _ = origin_gradient(shortcut, params, state, batch, z0[:1])
+        else:
+            def inner(z, state=state, key=update_key(rng_inner, k)):
+                return inner_fit(params, state, z, batch, key)
 
-    def inner(z):
-        return fit(params, state, z, batch, rng_inner)
-
-    if shortcut is None:
-        (inner_loss, (state, _)), grad_z0 = jax.value_and_grad(inner, has_aux=True)(z0)
-    else:
-        grad_z0, inner_loss, state, _ = origin_gradient(shortcut, params, state, batch, z0.shape, z0.dtype)
-    latent = z0 - grad_z0
+            (loss_k, (state, _)), grad = jax.value_and_grad(inner, has_aux=True)(latent)
+        latent = latent - step_size * grad  # 1.0 * g is g exactly: the spec's step unchanged
+        inner_losses.append(loss_k)
     if detach:
         latent = jax.lax.stop_gradient(latent)
     loss, (state, output) = fit(params, state, latent, batch, rng_outer)
-    return loss, OriginResult(latent, inner_loss, state, output)
+    return loss, OriginResult(latent, inner_losses[0], state, output, jnp.stack(inner_losses))

@@ -11,14 +11,16 @@ from gonjax.errors import stop_if_requested
 
 
 def render(model, params, latents, resolution: int, pixels_per_call: int = 2**18,
-           should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+           should_stop: Callable[[], bool] | None = None, state=None) -> np.ndarray:
     """Images (n, R, R, C) decoded from latents on the R x R grid over [-1, 1]^2 (the training grid's square;
     `models.coordinate_grid`'s coordinates for R = the native size), in the latents' dtype.
 
     Each call decodes at most `pixels_per_call` pixels (a group of whole images, or a band of rows of one
     image), so the SIREN's activations take bounded memory at any resolution; only the result grows with R.
-    `should_stop` is polled between calls.
+    `should_stop` is polled between calls. `state`: the run's model state (TrainState.batch_stats; it holds
+    a Fourier position encoding's projection), {} by default.
     """
+    state = {} if state is None else state
     n = latents.shape[0]
     axis = np.asarray(jnp.linspace(-1.0, 1.0, resolution, dtype=latents.dtype))
     images_per_call = max(1, min(n, pixels_per_call // resolution**2))
@@ -30,7 +32,7 @@ def render(model, params, latents, resolution: int, pixels_per_call: int = 2**18
         for top in range(0, resolution, rows_per_call):
             stop_if_requested(should_stop)
             rows, cols = np.meshgrid(axis[top:top + rows_per_call], axis, indexing="ij")
-            band = np.asarray(draw(params, group, np.stack([rows.ravel(), cols.ravel()], axis=-1)))
+            band = np.asarray(draw(params, state, group, np.stack([rows.ravel(), cols.ravel()], axis=-1)))
             if images is None:
                 images = np.empty((n, resolution, resolution, band.shape[-1]), band.dtype)
             images[first:first + len(group), top:top + len(rows)] = band.reshape(len(group), len(rows), resolution, -1)

@@ -35,8 +35,8 @@ class Model:
     init(rng, batch) -> {"params": ..., "batch_stats": ...}
     apply(params, batch_stats, batch, rng, step=0) -> (loss, (batch_stats, ModelOutput))
     sample(params, batch_stats, rng, n) -> n images from the prior, or None for models without one
-    render(params, latents, coords) -> (n, P, C) pixel values at coordinates (P, 2), for models that are
-        functions of coordinates (gonjax.render tiles a grid of any resolution into such calls)
+    render(params, batch_stats, latents, coords) -> (n, P, C) pixel values at coordinates (P, 2), for models
+        that are functions of coordinates (gonjax.render tiles a grid of any resolution into such calls)
     """
 
     name: str
@@ -81,21 +81,63 @@ def _stateful_apply(module, params, batch_stats, *args, **kwargs):
     return out, updates["batch_stats"]
 
 
+ORIGIN_PARAM = "latent_origin"  # params[ORIGIN_PARAM]: the learned z0 (nz,), with config.learn_origin
+
+
+def module_params(params):
+    """The parameters of a model's Flax module(s): `params` without a learned origin."""
+    return {k: v for k, v in params.items() if k != ORIGIN_PARAM}
+
+
+def _with_learned_origin(config: Config, variables, nz: int, dtype) -> dict[str, Any]:
+    """Variables from a module's init, plus the learned origin (zeros, the spec's z0) when the config asks."""
+    variables = dict(variables)
+    if config.learn_origin:
+        variables["params"] = {**variables["params"], ORIGIN_PARAM: jnp.zeros((nz,), dtype)}
+    return variables
+
+
+def _origin_model_step(config: Config, fit: origin.Fit, params, state, batch, rng: jax.Array, nz: int, *,
+                       shortcut: origin.OriginShortcut | None = None, inner_fit: origin.Fit | None = None):
+    """`origin.origin_step` with the config's variants, for every origin-step model (GON-SPEC 4.1-4.4, 9).
+
+    z0 is the origin, or params[ORIGIN_PARAM] for every example (learned origin), plus N(0, sigma^2) noise for
+    the latent-init ablation; then config.latent_updates updates of step config.latent_step_size.
+    """
+    rng_z0, rng_fit = jax.random.split(rng)
+    batch_size, dtype = batch.shape[0], batch.dtype
+    z0 = origin.initial_latent(rng_z0, (batch_size, nz), config.latent_sigma, dtype)
+    if ORIGIN_PARAM in params:
+        z0 = z0 + params[ORIGIN_PARAM].astype(dtype)
+    return origin.origin_step(fit, module_params(params), state, batch, rng_fit, z0, detach=config.detach,
+                              shortcut=shortcut, updates=config.latent_updates,
+                              step_size=config.latent_step_size, inner_fit=inner_fit)
+
+
+def _origin_metrics(result: origin.OriginResult) -> dict[str, jax.Array]:
+    """`inner_loss` (at z0) and, after several latent updates, `last_inner_loss` (at z_{N-1})."""
+    metrics = {"inner_loss": result.inner_loss}
+    if result.inner_losses is not None and result.inner_losses.shape[0] > 1:
+        metrics["last_inner_loss"] = result.inner_losses[-1]
+    return metrics
+
+
 def _prior_sampler(module):
     """n images decoded from z ~ N(0, I), BN over the n samples (GON-SPEC 4.6)."""
 
     def sample(params, batch_stats, rng, n):
         z = jax.random.normal(rng, (n, module.nz))
-        return _stateful_apply(module, params, batch_stats, z, method=module.decode)[0]
+        return _stateful_apply(module, module_params(params), batch_stats, z, method=module.decode)[0]
 
     return sample
 
 
 def gon(config: Config, nc: int) -> Model:
-    """GON (GON-SPEC 4.1), detached GON (4.2) and the latent-init ablation (9), on the conv decoder."""
+    """GON (GON-SPEC 4.1), detached GON (4.2), the latent-init ablation (9) and the variants of docs/spec.md
+    ("Variants"), on the conv decoder."""
     decoder = ConvDecoder(ngf=config.ngf, nc=nc, activation=config.activation, deconv_impl=config.deconv_impl,
                           kernels=config.kernels)
-    nz, sigma, detach = config.nz, config.latent_sigma, config.detach
+    nz = config.nz
 
     def decode(params, batch_stats, z, batch_size, stats):
         if stats is not None:
@@ -104,33 +146,31 @@ def gon(config: Config, nc: int) -> Model:
                                      mutable=["batch_stats", "bn_stats"])
         return out, (updates["bn_stats"], updates["batch_stats"])
 
-    fit, shortcut = _origin_fit(config, decode, losses.pixel_sse_loss)
+    fit, inner_fit, shortcut = _origin_fits(config, decode, losses.pixel_sse_loss)
 
     def apply(params, batch_stats, images, rng, step=0):
-        rng_z0, rng_fit = jax.random.split(rng)
-        z0 = origin.initial_latent(rng_z0, (images.shape[0], nz), sigma, images.dtype)
-        loss, result = origin.origin_step(fit, params, batch_stats, images, rng_fit, z0, detach=detach,
-                                          shortcut=shortcut)
-        metrics = reconstruction_metrics(result.output, images)
-        metrics["inner_loss"] = result.inner_loss
+        loss, result = _origin_model_step(config, fit, params, batch_stats, images, rng, nz, shortcut=shortcut,
+                                          inner_fit=inner_fit)
+        metrics = {**reconstruction_metrics(result.output, images), "loss": loss, **_origin_metrics(result)}
         return loss, (result.state, ModelOutput(result.output, metrics, result.latent))
 
     def init(rng, images):
-        return dict(decoder.init(rng, jnp.zeros((images.shape[0], nz), images.dtype)))
+        variables = decoder.init(rng, jnp.zeros((images.shape[0], nz), images.dtype))
+        return _with_learned_origin(config, variables, nz, images.dtype)
 
     return Model(name=config.run_name, init=init, apply=apply)
 
 
-def _origin_fit(config: Config, decode, loss) -> tuple[origin.Fit, origin.OriginShortcut | None]:
-    """A deterministic model's fit from its decoder and loss, and the shortcut that computes its inner pass
-    from one example (origin.origin_gradient) where z0 is the origin and the config allows."""
-    split = origin.OriginShortcut(decode, loss)
-    return split.fit, split if config.origin_shortcut and config.latent_sigma == 0.0 else None
-
-
-def _vgon_fit_key(rng: jax.Array) -> jax.Array:
-    """The key of the V-GON's origin step (split by `origin.pass_keys` into the inner and outer pass's keys)."""
-    return jax.random.split(rng)[1]
+def _origin_fits(config: Config, decode, spec_loss) -> tuple[origin.Fit, origin.Fit, origin.OriginShortcut | None]:
+    """A deterministic model's outer and inner fit from its decoder and the spec's loss (or gon-pytorch's two
+    BCEs, config.loss "peer_bce"), and the shortcut that computes its first inner pass from one example
+    (origin.origin_gradient) where every example starts from the same z0 and the config allows."""
+    outer_loss, inner_loss = spec_loss, spec_loss
+    if config.loss == "peer_bce":
+        outer_loss, inner_loss = losses.peer_outer_bce, losses.peer_inner_bce
+    inner = origin.OriginShortcut(decode, inner_loss)
+    shortcut = inner if config.origin_shortcut and config.latent_sigma == 0.0 else None
+    return origin.OriginShortcut(decode, outer_loss).fit, inner.fit, shortcut
 
 
 def _vgon_pass_noise(pass_key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
@@ -139,8 +179,9 @@ def _vgon_pass_noise(pass_key: jax.Array, shape: tuple[int, ...], dtype) -> jax.
 
 
 def vgon_noise(rng: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
-    """The eps of the inner and of the outer pass that `vgon(...).apply` draws from `rng` (independent draws)."""
-    inner, outer = origin.pass_keys(_vgon_fit_key(rng))
+    """The eps of the (first) inner and of the outer pass that `vgon(...).apply` draws from `rng` (independent
+    draws; `_origin_model_step` splits off the key of z0 first)."""
+    inner, outer = origin.pass_keys(jax.random.split(rng)[1])
     return _vgon_pass_noise(inner, shape, dtype), _vgon_pass_noise(outer, shape, dtype)
 
 
@@ -159,15 +200,14 @@ def vgon(config: Config, nc: int) -> Model:
             loss, metrics = variational_loss(reconstruction, images, mu, logvar, weight)
             return loss, (batch_stats, (reconstruction, metrics))
 
-        z0 = jnp.zeros((images.shape[0], nz), images.dtype)
-        loss, result = origin.origin_step(fit, params, batch_stats, images, _vgon_fit_key(rng), z0)
+        loss, result = _origin_model_step(config, fit, params, batch_stats, images, rng, nz)
         reconstruction, metrics = result.output
-        metrics = {**metrics, "inner_loss": result.inner_loss}
+        metrics = {**metrics, **_origin_metrics(result)}
         return loss, (result.state, ModelOutput(reconstruction, metrics, result.latent))
 
     def init(rng, images):
         z0 = jnp.zeros((images.shape[0], nz), images.dtype)
-        return dict(function.init(rng, z0, z0))
+        return _with_learned_origin(config, function.init(rng, z0, z0), nz, images.dtype)
 
     return Model(name=config.run_name, init=init, apply=apply, sample=_prior_sampler(function))
 
@@ -208,46 +248,55 @@ def vae(config: Config, nc: int) -> Model:
     return Model(name=config.run_name, init=init, apply=apply, sample=_prior_sampler(module))
 
 
+def siren_for(config: Config, nc: int) -> Siren:
+    """The Implicit GON's SIREN with the config's variants (position encoding, modulation, sigmoid output for
+    gon-pytorch's BCE)."""
+    return Siren(nc=nc, encoding=config.position_encoding, fourier_features=config.fourier_features,
+                 fourier_sigma=config.fourier_sigma, nerf_frequencies=config.nerf_frequencies,
+                 modulation=config.modulation, output_sigmoid=config.loss == "peer_bce")
+
+
 def implicit_gon(config: Config, nc: int) -> Model:
     """Implicit GON (GON-SPEC 2.4, 4.4): a SIREN of (coordinate, latent), latents from the origin step.
 
     Images are read at their native size (28 for MNIST / Fashion-MNIST, 32 otherwise) as (B, S*S, nc) pixel
     lists on the row-major coordinate grid. Loss: per-pixel MSE (J), or with loss_reduction="sum" the sum over
-    pixels and channels averaged over the batch (P). No BN: the state is {}. The latents of the last 100
-    training batches are kept for sampling (GON-SPEC 4.6).
+    pixels and channels averaged over the batch (P), or gon-pytorch's BCEs (loss="peer_bce", sigmoid output).
+    No BN: the state holds only a Fourier encoding's fixed projection (the SIREN's `constants`), else {}. The
+    latents of the last 100 training batches are kept for sampling (GON-SPEC 4.6).
     """
     size = NATIVE_SIZE[config.dataset]
-    siren = Siren(nc=nc)
-    nz, sigma = config.nz, config.latent_sigma
+    siren = siren_for(config, nc)
+    nz = config.nz
 
     def pixel_loss(output, target):
         squared = jnp.square(output - target)
         return jnp.mean(squared) if config.loss_reduction == "mean" else jnp.mean(jnp.sum(squared, axis=(1, 2)))
 
     def decode(params, state, z, batch_size, stats):
-        output = siren.apply({"params": params}, coordinate_grid(size, z.dtype), z)
+        output = siren.apply({"params": params, "constants": state}, coordinate_grid(size, z.dtype), z)
         return output if stats is not None else (output, ({}, state))
 
-    fit, shortcut = _origin_fit(config, decode, pixel_loss)
+    fit, inner_fit, shortcut = _origin_fits(config, decode, pixel_loss)
 
     def apply(params, state, images, rng, step=0):
         pixels = images.reshape(images.shape[0], -1, images.shape[-1])
-        rng_z0, rng_fit = jax.random.split(rng)
-        z0 = origin.initial_latent(rng_z0, (images.shape[0], nz), sigma, images.dtype)
-        loss, result = origin.origin_step(fit, params, state, pixels, rng_fit, z0, detach=config.detach,
-                                          shortcut=shortcut)
+        loss, result = _origin_model_step(config, fit, params, state, pixels, rng, nz, shortcut=shortcut,
+                                          inner_fit=inner_fit)
         reconstruction = result.output.reshape(images.shape)
         mse = losses.mse_per_image(reconstruction, images)
         metrics = {"loss": loss, "mse": jnp.mean(mse), "psnr": jnp.mean(losses.psnr(mse)),
-                   "sse": jnp.mean(losses.sse_per_image(reconstruction, images)), "inner_loss": result.inner_loss}
+                   "sse": jnp.mean(losses.sse_per_image(reconstruction, images)), **_origin_metrics(result)}
         return loss, (result.state, ModelOutput(reconstruction, metrics, result.latent))
 
-    def render(params, latents, coords):
+    def render(params, state, latents, coords):
         """Decode latents at any coordinates of [-1, 1]^2, the square the training grid spans: (n, P, nc)."""
-        return siren.apply({"params": params}, coords, latents)
+        return siren.apply({"params": module_params(params), "constants": state}, coords, latents)
 
     def init(rng, images):
-        return dict(siren.init(rng, coordinate_grid(size), jnp.zeros((images.shape[0], nz), images.dtype)))
+        variables = siren.init(rng, coordinate_grid(size), jnp.zeros((images.shape[0], nz), images.dtype))
+        variables = {"params": variables["params"], "batch_stats": variables.get("constants", {})}
+        return _with_learned_origin(config, variables, nz, images.dtype)
 
     return Model(name=config.run_name, init=init, apply=apply, render=render, image_size=size,
                  table_metric="mse", latent_bank_batches=100)

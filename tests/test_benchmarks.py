@@ -14,12 +14,17 @@ def test_step_time_writes_table_and_json(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "gon_detached" in table and "speedup" in table and "ceiling" in table
     report = json.loads(out.read_text())
-    assert [r["model"] for r in report["results"]] == ["gon", "gon_detached", "vgon", "ae", "implicit_gon", "vae"]
+    assert [r["model"] for r in report["results"]] == ["gon", "gon_detached", "vgon", "ae", "implicit_gon", "vae",
+                                                       "gon_n3", "implicit_mod"]
     for row in report["results"]:
         assert row["speedup"] == pytest.approx(row["torch_ms"] / row["jax_ms"])
         assert row["jax_ms_spread"]["n"] == row["torch_ms_spread"]["n"] == 3
         assert row["jax_compile_s"] > 0 and row["jax_eval_images_per_s"] > 0 and row["torch_eval_images_per_s"] > 0
-        assert row["origin_shortcut"] is (True if row["model"] in ("gon", "gon_detached", "implicit_gon") else None)
+        assert row["origin_shortcut"] is (None if row["model"] in ("vgon", "ae", "vae") else True)
+        peer = row["model"] in ("gon_n3", "implicit_mod")
+        assert row["reference"] == ("gon-pytorch 0.1.1" if peer else "torch_reference")
+        assert (row["latent_updates"], row["modulation"]) == {"gon_n3": (3, False), "implicit_mod": (1, True)}.get(
+            row["model"], (1, False))
         assert row["speedup_ceiling"] == pytest.approx(row["torch_ms"] / row["floor_ms"])
         assert row["eval_speedup_ceiling"] == pytest.approx(
             row["eval_floor_images_per_s"] / row["torch_eval_images_per_s"])

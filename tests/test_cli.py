@@ -126,6 +126,31 @@ def test_sample_on_a_folder_that_is_not_a_run(tmp_path):
 def test_flags_of_other_models_are_refused():
     _assert_one_line_error(_run("--detach", module="vae"), "unrecognized arguments: --detach")
     _assert_one_line_error(_run("--kl-weight", "2", module="gon"), "unrecognized arguments: --kl-weight")
+    _assert_one_line_error(_run("--learn-origin", module="ae"), "unrecognized arguments: --learn-origin")
+    _assert_one_line_error(_run("--modulation", module="gon"), "unrecognized arguments: --modulation")
+    _assert_one_line_error(_run("--latent-updates", "0", module="gon"), "--latent-updates must be at least 1")
+
+
+def test_implicit_gon_variants_train_resume_and_render(shared_data, tfds_dir, tmp_path):
+    """The issue's variant run, shortened: two updates from a learned origin, Fourier features, modulation."""
+    workdir = tmp_path / "variants"
+    args = ["--dataset", "coil20", "--manual-dir", str(shared_data), "--data-dir", str(tfds_dir),
+            "--latent-updates", "2", "--learn-origin", "--position-encoding", "fourier", "--modulation",
+            "--eval-batches", "1", "--workdir", str(workdir)]
+    result = _run(*args, "--max-steps", "2", module="implicit_gon")
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((workdir / "config.json").read_text())
+    assert (config["latent_updates"], config["learn_origin"], config["position_encoding"], config["modulation"]) \
+        == (2, True, "fourier", True)
+    record = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"train_inner_loss", "train_last_inner_loss"} <= set(record)
+    _assert_one_line_error(_run(*args[:-1], str(workdir), "--max-steps", "2", "--position-encoding", "nerf",
+                                module="implicit_gon"), "position_encoding")
+    resumed = _run(*args, "--max-steps", "3", module="implicit_gon")
+    assert resumed.returncode == 0 and "resuming from step 2" in resumed.stdout + resumed.stderr, resumed.stderr
+    rendered = _run("--workdir", str(workdir), "--resolution", "48", module="render")
+    assert rendered.returncode == 0, rendered.stderr[-3000:]
+    assert (workdir / "render_48_seed0" / "superres_48.png").exists()
 
 
 def test_implicit_gon_cli_and_render_on_coil20(shared_data, tfds_dir, tmp_path):

@@ -136,3 +136,66 @@ def test_learning_rate_drops_at_the_given_epoch():
         updates, state = optimizer.update({"w": jnp.ones(())}, state, params)
         moves.append(-float(updates["w"]))
     np.testing.assert_allclose(moves, [1e-4] * 6 + [5e-5] * 3, rtol=1e-4)  # float32 Adam arithmetic
+
+
+def _peer_parameter_count(config: Config) -> int:
+    """Trainable parameters of gon-pytorch's GON built for the same variants (an independent count)."""
+    from benchmarks import peer_reference
+    return sum(p.numel() for p in peer_reference.peer_gon(peer_reference.implicit_decoder(config, 1),
+                                                          config).parameters())
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"learn_origin": True}, {"position_encoding": "fourier", "fourier_features": 16},
+    {"position_encoding": "nerf", "nerf_frequencies": 6}, {"modulation": True},
+    {"modulation": True, "position_encoding": "fourier", "learn_origin": True}])
+def test_variant_parameter_counts_match_the_peer_package(overrides):
+    config = Config(model="implicit_gon", dataset="mnist", **overrides)
+    model = zoo.build_model(config, 1)
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((2, 28, 28, 1)))
+    assert count_params(variables["params"]) == _peer_parameter_count(config)
+    if not overrides:
+        assert count_params(variables["params"]) == 206_593  # GON-SPEC 2.6
+    # the Fourier projection is kept as state, checkpointed, never trained
+    fourier = config.position_encoding == "fourier"
+    assert count_params(variables["batch_stats"]) == (2 * config.fourier_features if fourier else 0)
+
+
+def test_fourier_projection_is_seeded_gaussian_state():
+    config = Config(model="implicit_gon", dataset="mnist", position_encoding="fourier", fourier_features=512,
+                    fourier_sigma=3.0)
+    model = zoo.build_model(config, 1)
+    images = jnp.zeros((2, 28, 28, 1))
+    a, b = (np.asarray(model.init(jax.random.PRNGKey(s), images)["batch_stats"]["fourier"]["projection"])
+            for s in (0, 1))
+    assert a.shape == (2, 512) and not np.array_equal(a, b)
+    np.testing.assert_allclose(a.std(), 3.0, rtol=0.1)
+    assert abs(a.mean()) < 0.3
+
+
+def test_nerf_encoding_against_its_formula():
+    from gonjax.models import nerf_encoding
+    coords = np.random.default_rng(0).uniform(-1, 1, size=(5, 2))
+    with jax.enable_x64(True):
+        encoded = np.asarray(nerf_encoding(jnp.asarray(coords), 3))
+    for d in range(2):
+        block = encoded[:, d * 6:(d + 1) * 6]
+        for k in range(3):
+            np.testing.assert_allclose(block[:, k], np.sin(np.pi * 2 ** k * coords[:, d]), atol=1e-13)
+            np.testing.assert_allclose(block[:, 3 + k], np.cos(np.pi * 2 ** k * coords[:, d]), atol=1e-13)
+
+
+def test_variant_render_reproduces_the_training_reconstruction():
+    """Rendering reads the run's state (the Fourier projection) and strips the learned origin."""
+    config = Config(model="implicit_gon", dataset="mnist", position_encoding="fourier", modulation=True,
+                    learn_origin=True, latent_updates=2)
+    model = zoo.build_model(config, 1)
+    images = jnp.asarray(np.random.default_rng(0).uniform(size=(4, 28, 28, 1)), jnp.float32)
+    with jax.enable_x64(True):
+        variables = jax.tree_util.tree_map(lambda p: p.astype(jnp.float64),
+                                           model.init(jax.random.PRNGKey(0), images.astype(jnp.float64)))
+        state = variables["batch_stats"]
+        _, (_, output) = model.apply(variables["params"], state, images.astype(jnp.float64), jax.random.PRNGKey(1))
+        native = render.render(model, variables["params"], output.latent, 28, state=state)
+        np.testing.assert_allclose(native, np.asarray(output.reconstruction), rtol=1e-12, atol=1e-14)
+        assert float(output.metrics["last_inner_loss"]) < float(output.metrics["inner_loss"])

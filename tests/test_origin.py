@@ -158,11 +158,14 @@ def test_initial_latent_is_the_origin_when_sigma_is_zero():
     np.testing.assert_array_equal(z0, 0.0)
 
 
-@pytest.mark.parametrize("model_name,overrides", [("gon", {}), ("gon", {"detach": True}),
-                                                  ("implicit_gon", {"dataset": "mnist", "loss_reduction": "sum"})])
+@pytest.mark.parametrize("model_name,overrides", [
+    ("gon", {}), ("gon", {"detach": True}), ("gon", {"learn_origin": True, "latent_updates": 2}),
+    ("implicit_gon", {"dataset": "mnist", "loss_reduction": "sum"}),
+    ("implicit_gon", {"dataset": "mnist", "learn_origin": True, "loss": "peer_bce", "modulation": True})])
 def test_origin_shortcut_matches_the_batched_inner_pass(model_name, overrides):
     """origin_gradient (one decoded example) = differentiating the batched fit: latent, losses, every parameter
-    gradient (through the latent) and the BN running averages (the one example counts as the whole batch)."""
+    gradient (through the latent) and the BN running averages (the one example counts as the whole batch); also
+    from a learned z0 away from zero (its own gradient included) and before further latent updates."""
     with jax.enable_x64(True):
         size = 28 if model_name == "implicit_gon" else 32
         images = jnp.asarray(np.random.default_rng(5).uniform(size=(B, size, size, 1)))
@@ -171,9 +174,11 @@ def test_origin_shortcut_matches_the_batched_inner_pass(model_name, overrides):
             model = build_model(Config(model=model_name, ngf=NGF, nz=NZ, origin_shortcut=shortcut, **overrides), nc=1)
             variables = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64),
                                                model.init(jax.random.PRNGKey(3), images))
-            if "batch_stats" in variables:  # BN betas off ELU's kink at the origin (see _setup)
+            if model_name == "gon":  # BN betas off ELU's kink at the origin (see _setup)
                 for i in (1, 2, 3):
                     variables["params"][f"bn{i}"]["bias"] = variables["params"][f"bn{i}"]["bias"] + 0.3 * (-1) ** i
+            if "latent_origin" in variables["params"]:
+                variables["params"]["latent_origin"] = 0.1 * jax.random.normal(jax.random.PRNGKey(4), (NZ,))
             batch_stats = variables.get("batch_stats", {})
 
             def loss(p, model=model, batch_stats=batch_stats):
@@ -186,3 +191,66 @@ def test_origin_shortcut_matches_the_batched_inner_pass(model_name, overrides):
         for a, b in zip(jax.tree_util.tree_leaves(batched), jax.tree_util.tree_leaves(shortcut)):
             # gradients of biases ahead of batch-statistics BN are exactly 0; both sides give ~1e-17 noise there
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-9, atol=1e-13)
+
+
+def test_several_latent_updates_with_a_step_size_match_finite_differences():
+    """z_{k+1} = z_k - eta grad L(z_k), N = 3, eta = 0.5, each gradient from float64 finite differences of the
+    NumPy reference; inner losses at every z_k; the second update's keys differ from the first's."""
+    with jax.enable_x64(True):
+        _, params, batch_stats, images = _setup(6)
+        numpy_params = jax.tree_util.tree_map(np.asarray, params)
+
+        def inner(z):
+            return reference.gon_inner_loss(numpy_params, z, np.asarray(images))
+
+        _, result = jax.jit(lambda p, s, x: origin.origin_step(
+            _fit(_decoder()), p, s, x, jax.random.PRNGKey(0), jnp.zeros((B, NZ)), updates=3, step_size=0.5))(
+            params, batch_stats, images)
+        z, expected_losses = np.zeros((B, NZ)), []
+        for _ in range(3):
+            expected_losses.append(inner(z))
+            z = z - 0.5 * reference.finite_difference_grad(inner, z, h=1e-6)
+        np.testing.assert_allclose(np.asarray(result.latent), z, rtol=1e-6, atol=1e-11)
+        # at z0 exact; at z1, z2 the reference latents carry the finite differences' ~1e-9 relative error
+        np.testing.assert_allclose(np.asarray(result.inner_losses), expected_losses, rtol=1e-9)
+        np.testing.assert_allclose(float(result.inner_loss), expected_losses[0], rtol=1e-12)
+        assert expected_losses[2] < expected_losses[0]  # the updates descend: the loop is not a no-op
+    assert not np.array_equal(jax.random.key_data(origin.update_key(jax.random.PRNGKey(0), 0)),
+                              jax.random.key_data(origin.update_key(jax.random.PRNGKey(0), 1)))
+
+
+@pytest.mark.parametrize("overrides", [{"latent_updates": 2, "learn_origin": True},
+                                       {"latent_updates": 2, "detach": True}])
+def test_outer_gradients_through_several_updates_match_finite_differences(overrides):
+    """Second order through every update (and into a learned origin): the trained loss's gradient against
+    central differences; detached, the gradient stops at z_N."""
+    with jax.enable_x64(True):
+        _, params, batch_stats, images = _setup(7)
+        model = build_model(Config(ngf=NGF, nz=NZ, **overrides), nc=1)
+        if overrides.get("learn_origin"):
+            params = {**params, "latent_origin": jnp.asarray([0.05, -0.02, 0.03])}
+
+        @jax.jit
+        def outer_loss(p):
+            return model.apply(p, batch_stats, images, jax.random.PRNGKey(0))[0]
+
+        if not overrides.get("detach"):
+            check_grads(outer_loss, (params,), order=1, modes=["rev"], eps=1e-6, atol=1e-7, rtol=1e-5)
+            return
+        # Detached: the gradient of the outer loss with z_N held fixed (decoded here on its own), which is not
+        # the gradient of the full step's loss.
+        latent = jax.jit(model.apply)(params, batch_stats, images, jax.random.PRNGKey(0))[1][1].latent
+        decoder = _decoder()
+
+        def loss_at_fixed_latent(p):
+            out = decoder.apply({"params": p, "batch_stats": batch_stats}, latent, mutable=["batch_stats"])[0]
+            return jnp.mean(jnp.sum((out - images) ** 2, -1))
+
+        full = build_model(Config(ngf=NGF, nz=NZ, latent_updates=2), nc=1)
+        g_full = jax.jit(jax.grad(lambda p: full.apply(p, batch_stats, images, jax.random.PRNGKey(0))[0]))(params)
+        g_detached = jax.jit(jax.grad(outer_loss))(params)
+        for a, b, c in zip(*(jax.tree_util.tree_leaves(g) for g in (
+                g_detached, jax.jit(jax.grad(loss_at_fixed_latent))(params), g_full))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-14)
+        assert max(float(jnp.abs(a - c).max()) for a, c in zip(
+            jax.tree_util.tree_leaves(g_detached), jax.tree_util.tree_leaves(g_full))) > 1e-6

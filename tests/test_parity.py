@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import peer_reference as pr
 from benchmarks import torch_reference as tr
 from gonjax import train, zoo
 from gonjax.config import Config
@@ -239,3 +240,97 @@ def test_float32_loss_curves_agree(fashion_train_batches, model):
     assert torch_losses[-20:].mean() < 0.8 * torch_losses[:20].mean()  # it learns: the comparison means something
     np.testing.assert_allclose(jax_losses.reshape(-1, 20).mean(1), torch_losses.reshape(-1, 20).mean(1),
                                rtol=window_rtol)
+
+
+# gon-pytorch 0.1.1, the maintained GON package: its own GON (N latent updates, learned origin, inner BCE summed
+# over the batch, outer BCE mean), ImplicitDecoder, SirenBlockFactory, position encodings and modulation network,
+# against gonjax's variants (docs/spec.md "Variants") with --loss peer_bce, one float64 step from the same weights.
+_PEER_IMPLICIT = dict(model="implicit_gon", dataset="fashion_mnist", nz=32, loss="peer_bce")
+PEER_CASES = {
+    **{f"implicit_n{n}{'_origin' * learn}": Config(**_PEER_IMPLICIT, latent_updates=n, learn_origin=learn)
+       for n in (1, 3) for learn in (False, True)},
+    "implicit_fourier": Config(**_PEER_IMPLICIT, position_encoding="fourier", fourier_sigma=2.0),
+    "implicit_nerf_n3_origin": Config(**_PEER_IMPLICIT, position_encoding="nerf", nerf_frequencies=4,
+                                      latent_updates=3, learn_origin=True),
+    "implicit_modulated": Config(**_PEER_IMPLICIT, modulation=True),
+    "implicit_modulated_fourier_n3_origin": Config(**_PEER_IMPLICIT, modulation=True, position_encoding="fourier",
+                                                   latent_updates=3, learn_origin=True),
+    **{f"gon_n{n}{'_origin' * learn}": Config(model="gon", loss="peer_bce", latent_updates=n, learn_origin=learn)
+       for n in (1, 3) for learn in (False, True)},
+}
+
+
+def _peer_model(config: Config, nc: int, seed: int = 0):
+    """The package's GON for `config` (the conv GON: around the spec's decoder, BN moved off (1, 0) as in
+    `_torch_model`), float64, with a learned origin set away from zero so that its path is exercised."""
+    torch.manual_seed(seed)
+    if config.model == "gon":
+        decoder = pr.ConvLatentDecoder(_torch_model("gon", config, nc, seed), config.nz)
+    else:
+        decoder = pr.implicit_decoder(config, nc)
+    gon = pr.peer_gon(decoder, config).double()
+    if config.learn_origin:
+        with torch.no_grad():
+            gon.init_latent.copy_(0.05 * torch.randn(gon.init_latent.shape, dtype=torch.float64))
+    return gon
+
+
+def _peer_coords(images: np.ndarray) -> torch.Tensor:
+    """The package's coordinate input for NHWC images: (B, H, W, 2), gonjax's grid in float64."""
+    n, size = images.shape[:2]
+    return tr.coordinate_grid(size).reshape(1, size, size, 2).expand(n, size, size, 2).contiguous()
+
+
+def _compare_peer_step(config: Config, images: np.ndarray) -> dict[str, float]:
+    gon = _peer_model(config, images.shape[-1])
+    variables = pr.flax_variables(gon)
+    coords, target = (None, tr.nhwc(images)) if config.model == "gon" else (_peer_coords(images), torch.from_numpy(images))
+    step = pr.peer_train_step(gon, tr.make_adam(gon, config.lr), coords, target)
+    after = pr.flax_variables(gon)
+    peer_grads = dict(jax.tree_util.tree_flatten_with_path(pr.flax_grads(gon))[0])
+    output_nhwc = step.output.numpy().transpose(0, 2, 3, 1) if config.model == "gon" else step.output.numpy()
+    with jax.enable_x64(True):
+        loss, output, grads, new_state = _jax_step(config, variables, images, jax.random.PRNGKey(0))
+        inner_key = "last_inner_loss" if config.latent_updates > 1 else "inner_loss"
+        errors = {"loss": relative_error(loss, step.loss.numpy()),
+                  "inner_loss": relative_error(output.metrics[inner_key], step.inner_loss.numpy()),
+                  "latent": relative_error(output.latent, step.latent.numpy()),
+                  "reconstruction": relative_error(output.reconstruction, output_nhwc)}
+        scale = max(float(np.abs(g).max()) for g in peer_grads.values())
+        for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
+            name = jax.tree_util.keystr(path)
+            if BIAS_BEFORE_BN.search(name):  # exactly 0 in exact arithmetic: rounding noise on both sides
+                errors[f"grad {name}"] = max(float(np.abs(np.asarray(g)).max()) for g in (leaf, peer_grads[path])) / scale
+            else:
+                errors[f"grad {name}"] = relative_error(leaf, peer_grads[path])
+        errors.update({f"param {k}": v for k, v in tree_errors(new_state.params, after["params"]).items()})
+        errors.update({f"state {k}": v for k, v in tree_errors(new_state.batch_stats, after["batch_stats"]).items()})
+    return errors
+
+
+@pytest.mark.parametrize("case", list(PEER_CASES))
+def test_one_float64_step_matches_gon_pytorch(fashion_batch, fashion_batch_28, case):
+    """Latent after N updates, both losses, the reconstruction, every gradient (the learned origin's included),
+    the parameters after Adam and the model state (BN statistics, Fourier projection) agree to TOL."""
+    config = PEER_CASES[case]
+    images = (fashion_batch_28 if config.model == "implicit_gon" else fashion_batch)[:16]
+    errors = _compare_peer_step(config, images)
+    params = jax.eval_shape(zoo.build_model(config, 1).init, jax.random.PRNGKey(0), jnp.asarray(images))
+    leaves = len(jax.tree_util.tree_leaves(params["params"]))
+    state_leaves = len(jax.tree_util.tree_leaves(params["batch_stats"]))
+    assert ("['latent_origin']" in " ".join(errors)) == config.learn_origin
+    assert ("modulation" in " ".join(errors)) == config.modulation
+    assert len(errors) == 4 + 2 * leaves + state_leaves, sorted(errors)
+    bad = {k: v for k, v in errors.items() if not v <= TOL}
+    assert not bad, bad
+
+
+def test_peer_parity_tells_one_update_from_three(fashion_batch_28):
+    """The comparison above can fail: gonjax with one latent update against the package with three."""
+    images = fashion_batch_28[:16]
+    gon = _peer_model(PEER_CASES["implicit_n3"], 1)
+    variables = pr.flax_variables(gon)
+    step = pr.peer_train_step(gon, tr.make_adam(gon, 1e-4), _peer_coords(images), torch.from_numpy(images))
+    with jax.enable_x64(True):
+        _, output, _, _ = _jax_step(PEER_CASES["implicit_n1"], variables, images, jax.random.PRNGKey(0))
+    assert relative_error(output.latent, step.latent.numpy()) > 1e-2
