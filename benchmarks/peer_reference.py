@@ -55,6 +55,13 @@ def peer_gon(decoder: nn.Module, config: Config) -> gon_pytorch.GON:
     return gon_pytorch.GON(decoder, latent_updates=config.latent_updates, learn_origin=config.learn_origin)
 
 
+def coordinate_input(n: int, size: int, dtype=torch.float64, device=None) -> torch.Tensor:
+    """The package's coordinate input for n images of size x size: (n, size, size, 2), gonjax's grid
+    (`models.coordinate_grid`: row-major, coordinate 0 = row) in every image."""
+    grid = tr.coordinate_grid(size, dtype).to(device).reshape(1, size, size, 2)
+    return grid.expand(n, size, size, 2).contiguous()
+
+
 @dataclasses.dataclass
 class PeerStep:
     """One training step of the package's GON; gradients stay in the parameters' `.grad`."""

@@ -111,8 +111,8 @@ def _peer_inputs(gon, images_nchw):
     if isinstance(gon.decoder, pr.ConvLatentDecoder):
         return None, images_nchw
     n, _, size, _ = images_nchw.shape
-    grid = tr.coordinate_grid(size, images_nchw.dtype).to(images_nchw.device).reshape(1, size, size, 2)
-    return grid.expand(n, size, size, 2), images_nchw.permute(0, 2, 3, 1)
+    coords = pr.coordinate_input(n, size, images_nchw.dtype, images_nchw.device)
+    return coords, images_nchw.permute(0, 2, 3, 1)
 
 
 def _peer_train_step(gon, optimizer, images_nchw, config):

@@ -137,7 +137,7 @@ def test_implicit_gon_variants_train_and_resume(shared_data, tfds_dir, tmp_path)
     workdir = tmp_path / "variants"
     args = ["--dataset", "coil20", "--manual-dir", str(shared_data), "--data-dir", str(tfds_dir),
             "--latent-updates", "2", "--learn-origin", "--position-encoding", "fourier", "--modulation",
-            "--eval-batches", "1", "--workdir", str(workdir)]
+            "--batch-size", "8", "--eval-batches", "1", "--workdir", str(workdir)]
     result = _run(*args, "--max-steps", "2", module="implicit_gon")
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((workdir / "config.json").read_text())

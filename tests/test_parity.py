@@ -105,6 +105,22 @@ def _jax_step(config, variables, images, key):
 BIAS_BEFORE_BN = re.compile(r"\['(de)?conv[123]'\]\['bias'\]$")
 
 
+def gradient_errors(grads, torch_grads: dict) -> dict[str, float]:
+    """Relative error of every gradient leaf (`torch_grads`: {path: array}). Those that are exactly 0 in exact
+    arithmetic (BIAS_BEFORE_BN) are rounding noise on both sides: each side's largest entry over the largest
+    gradient, which must be tiny."""
+    errors = {}
+    scale = max(float(np.abs(g).max()) for g in torch_grads.values())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        name = jax.tree_util.keystr(path)
+        if BIAS_BEFORE_BN.search(name):
+            for side, g in (("jax", leaf), ("torch", torch_grads[path])):
+                errors[f"grad {name} ({side}) / largest gradient"] = float(np.abs(np.asarray(g)).max()) / scale
+        else:
+            errors[f"grad {name}"] = relative_error(leaf, torch_grads[path])
+    return errors
+
+
 def _compare_one_step(config, images, seed=0, perturb=None):
     """Run one step in both frameworks from the same weights; return {quantity: relative error}."""
     module = _torch_model(config.model, config, images.shape[-1], seed)
@@ -126,16 +142,7 @@ def _compare_one_step(config, images, seed=0, perturb=None):
         if torch_step.latent is not None:
             errors["latent"] = relative_error(output.latent, torch_step.latent.numpy())
             errors["inner_loss"] = relative_error(output.metrics["inner_loss"], torch_step.inner_loss.numpy())
-        # Gradients leaf by leaf; those that are exactly 0 in exact arithmetic are rounding noise on both sides
-        # and must be tiny next to the largest gradient.
-        scale = max(float(np.abs(g).max()) for g in torch_grads.values())
-        for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
-            name = jax.tree_util.keystr(path)
-            if BIAS_BEFORE_BN.search(name):
-                for side, g in (("jax", leaf), ("torch", torch_grads[path])):
-                    errors[f"grad {name} ({side}) / largest gradient"] = float(np.abs(np.asarray(g)).max()) / scale
-            else:
-                errors[f"grad {name}"] = relative_error(leaf, torch_grads[path])
+        errors.update(gradient_errors(grads, torch_grads))
         errors.update({f"param {k}": v for k, v in tree_errors(new_state.params, after["params"]).items()})
         errors.update({f"bn {k}": v for k, v in tree_errors(new_state.batch_stats, after["batch_stats"]).items()})
     return errors
@@ -276,16 +283,13 @@ def _peer_model(config: Config, nc: int, seed: int = 0):
     return gon
 
 
-def _peer_coords(images: np.ndarray) -> torch.Tensor:
-    """The package's coordinate input for NHWC images: (B, H, W, 2), gonjax's grid in float64."""
-    n, size = images.shape[:2]
-    return tr.coordinate_grid(size).reshape(1, size, size, 2).expand(n, size, size, 2).contiguous()
-
-
 def _compare_peer_step(config: Config, images: np.ndarray) -> dict[str, float]:
     gon = _peer_model(config, images.shape[-1])
     variables = pr.flax_variables(gon)
-    coords, target = (None, tr.nhwc(images)) if config.model == "gon" else (_peer_coords(images), torch.from_numpy(images))
+    if config.model == "gon":
+        coords, target = None, tr.nhwc(images)
+    else:
+        coords, target = pr.coordinate_input(*images.shape[:2]), torch.from_numpy(images)
     step = pr.peer_train_step(gon, tr.make_adam(gon, config.lr), coords, target)
     after = pr.flax_variables(gon)
     peer_grads = dict(jax.tree_util.tree_flatten_with_path(pr.flax_grads(gon))[0])
@@ -297,13 +301,7 @@ def _compare_peer_step(config: Config, images: np.ndarray) -> dict[str, float]:
                   "inner_loss": relative_error(output.metrics[inner_key], step.inner_loss.numpy()),
                   "latent": relative_error(output.latent, step.latent.numpy()),
                   "reconstruction": relative_error(output.reconstruction, output_nhwc)}
-        scale = max(float(np.abs(g).max()) for g in peer_grads.values())
-        for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
-            name = jax.tree_util.keystr(path)
-            if BIAS_BEFORE_BN.search(name):  # exactly 0 in exact arithmetic: rounding noise on both sides
-                errors[f"grad {name}"] = max(float(np.abs(np.asarray(g)).max()) for g in (leaf, peer_grads[path])) / scale
-            else:
-                errors[f"grad {name}"] = relative_error(leaf, peer_grads[path])
+        errors.update(gradient_errors(grads, peer_grads))
         errors.update({f"param {k}": v for k, v in tree_errors(new_state.params, after["params"]).items()})
         errors.update({f"state {k}": v for k, v in tree_errors(new_state.batch_stats, after["batch_stats"]).items()})
     return errors
@@ -321,7 +319,8 @@ def test_one_float64_step_matches_gon_pytorch(fashion_batch, fashion_batch_28, c
     state_leaves = len(jax.tree_util.tree_leaves(params["batch_stats"]))
     assert ("['latent_origin']" in " ".join(errors)) == config.learn_origin
     assert ("modulation" in " ".join(errors)) == config.modulation
-    assert len(errors) == 4 + 2 * leaves + state_leaves, sorted(errors)
+    zero_grads = 3 if config.model == "gon" else 0  # BIAS_BEFORE_BN: one entry per side
+    assert len(errors) == 4 + 2 * leaves + zero_grads + state_leaves, sorted(errors)
     bad = {k: v for k, v in errors.items() if not v <= TOL}
     assert not bad, bad
 
@@ -331,7 +330,8 @@ def test_peer_parity_tells_one_update_from_three(fashion_batch_28):
     images = fashion_batch_28[:8]
     gon = _peer_model(PEER_CASES["implicit_n3"], 1)
     variables = pr.flax_variables(gon)
-    step = pr.peer_train_step(gon, tr.make_adam(gon, 1e-4), _peer_coords(images), torch.from_numpy(images))
+    step = pr.peer_train_step(gon, tr.make_adam(gon, 1e-4), pr.coordinate_input(*images.shape[:2]),
+                              torch.from_numpy(images))
     with jax.enable_x64(True):
         _, output, _, _ = _jax_step(PEER_CASES["implicit_n1"], variables, images, jax.random.PRNGKey(0))
     assert relative_error(output.latent, step.latent.numpy()) > 1e-2
