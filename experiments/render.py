@@ -9,17 +9,14 @@ resolution, pixel for pixel), slerp.png and samples.png.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from experiments.cli import STOP, OneLineParser, report_errors
-from gonjax import plots, render, resources, xla
+from gonjax import files, plots, render, resources, xla
 from gonjax.data import input_pipeline
 from gonjax.errors import UsageError
 from gonjax.train import load_run
@@ -62,13 +59,8 @@ def main(argv=None) -> int:
         _, (_, output) = xla.jit(model.apply)(state.params, state.batch_stats, batch, jax.random.PRNGKey(0))
         latents = np.asarray(output.latent)
         out.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-        try:
+        with files.atomic_output(out, folder=True) as partial:  # the folder appears complete, or not at all
             write_pictures(partial, model, state, batch, latents, bank, args)
-            os.rename(partial, out)  # the folder appears complete, or not at all
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
         print(f"wrote {out}/superres.png, superres_{args.resolution}.png, slerp.png, samples.png")
 
     return report_errors(prog, draw)

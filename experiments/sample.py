@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import jax
 import numpy as np
 
 from experiments.cli import STOP, OneLineParser, report_errors
-from gonjax import plots, resources, xla
+from gonjax import files, plots, resources, xla
 from gonjax.data import input_pipeline
 from gonjax.errors import UsageError, stop_if_requested
 from gonjax.train import load_run, make_eval_step
@@ -74,8 +73,7 @@ def main(argv=None) -> int:
         pictures = 1 if kind == "samples" else 2  # image grids held at once, uint8, each about n images
         resources.require_memory(3 * pictures * args.n * math.prod(data_info["image_shape"]),
                                  f"--n {args.n}", "lower --n")
-        partial = out.with_name(f".{out.name}.partial.png")  # the PNG appears complete, or not at all
-        try:
+        with files.atomic_output(out) as partial:  # the PNG appears complete, or not at all
             if kind == "samples":
                 images = samples(model, state, args.n, config.batch_size, args.seed, STOP.is_set)
                 plots.save_grids(partial, [plots.image_grid(images, columns=max(8, math.isqrt(args.n)))],
@@ -84,9 +82,6 @@ def main(argv=None) -> int:
                 plots.save_reconstructions(
                     partial, *reconstructions(config, model, state, args.n, args.seed, STOP.is_set),
                     title=f"({config.run_name}, step {int(state.step)})")
-            os.replace(partial, out)
-        finally:
-            partial.unlink(missing_ok=True)
         print(f"wrote {out}")
 
     return report_errors(prog, draw)

@@ -1,19 +1,41 @@
 """Files of a run folder: atomic text writes and JSON-lines records (metrics.jsonl, train_metrics.jsonl)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from gonjax.errors import UsageError
 
 
+@contextlib.contextmanager
+def atomic_output(path: Path, folder: bool = False) -> Iterator[Path]:
+    """A temporary path beside `path` to write into (a file, or with `folder` a new folder), renamed to `path`
+    when the block completes and removed when it fails, so `path` appears complete or not at all."""
+    path = Path(path)
+    if folder:
+        temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    else:
+        temporary = path.with_name(f".{path.name}.partial{path.suffix}")  # keeps the suffix (PNG writers read it)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        if folder:
+            shutil.rmtree(temporary, ignore_errors=True)
+        else:
+            temporary.unlink(missing_ok=True)
+        raise
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file and a rename, so a reader never sees half of it."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    with atomic_output(path) as temporary:
+        temporary.write_text(text)
 
 
 def read_jsonl(path: Path) -> tuple[list[dict], bool]:

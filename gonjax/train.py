@@ -531,9 +531,10 @@ def _train(run: RunDir, config: Config, model: Model, should_stop: Callable[[], 
               f"{record['test_loss']:.6g} ({record['eval_seconds']:.1f}s eval)", flush=True)
 
     meter = StepMeter(config.batch_size)
-    warned = []  # the step at which a flat loss was warned about (once per process)
+    warned = False  # a flat loss is warned about once per process
 
     def record_window() -> dict:
+        nonlocal warned
         window = meter.read()
         if not math.isfinite(window["loss"]):
             first = step - window["steps"] + 1
@@ -544,7 +545,7 @@ def _train(run: RunDir, config: Config, model: Model, should_stop: Callable[[], 
         run.append_metrics(row, "train_metrics.jsonl")
         windows.append(row)
         if not warned and _loss_is_flat(windows):
-            warned.append(step)
+            warned = True
             print(f"{run.path}: warning: the training loss has not improved in {step} steps "
                   f"({windows[0]['train_loss']:.4g} over the first {windows[0]['steps']}, {row['train_loss']:.4g} "
                   "now); the learning rate may be too high (--lr)", file=sys.stderr, flush=True)
