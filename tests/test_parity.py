@@ -254,14 +254,15 @@ def test_float32_loss_curves_agree(fashion_train_batches, model):
 # against gonjax's variants (docs/spec.md "Variants") with --loss peer_bce, one float64 step from the same weights.
 _PEER_IMPLICIT = dict(model="implicit_gon", dataset="fashion_mnist", nz=32, loss="peer_bce")
 PEER_CASES = {
-    **{f"implicit_n{n}{'_origin' * learn}": Config(**_PEER_IMPLICIT, latent_updates=n, learn_origin=learn)
-       for n in (1, 3) for learn in (False, True)},
-    "implicit_fourier": Config(**_PEER_IMPLICIT, position_encoding="fourier", fourier_sigma=2.0),
-    "implicit_nerf_n3_origin": Config(**_PEER_IMPLICIT, position_encoding="nerf", nerf_frequencies=4,
-                                      latent_updates=3, learn_origin=True),
-    "implicit_modulated": Config(**_PEER_IMPLICIT, modulation=True),
-    "implicit_modulated_fourier_n3_origin": Config(**_PEER_IMPLICIT, modulation=True, position_encoding="fourier",
-                                                   latent_updates=3, learn_origin=True),
+    # N in {1, 3} x learned origin or not, each encoding, with and without modulation
+    "implicit_n1": Config(**_PEER_IMPLICIT),
+    "implicit_n1_origin_modulated": Config(**_PEER_IMPLICIT, learn_origin=True, modulation=True),
+    "implicit_n3_fourier": Config(**_PEER_IMPLICIT, latent_updates=3, position_encoding="fourier", fourier_sigma=2.0),
+    "implicit_n3_origin": Config(**_PEER_IMPLICIT, latent_updates=3, learn_origin=True),
+    "implicit_n3_origin_nerf": Config(**_PEER_IMPLICIT, latent_updates=3, learn_origin=True,
+                                      position_encoding="nerf", nerf_frequencies=4),
+    "implicit_n3_origin_modulated_fourier": Config(**_PEER_IMPLICIT, latent_updates=3, learn_origin=True,
+                                                   modulation=True, position_encoding="fourier"),
     # the conv GON (BN state threaded through every pass): the plain step and all variants at once
     "gon_n1": Config(model="gon", loss="peer_bce"),
     "gon_n3_origin": Config(model="gon", loss="peer_bce", latent_updates=3, learn_origin=True),
@@ -328,7 +329,7 @@ def test_one_float64_step_matches_gon_pytorch(fashion_batch, fashion_batch_28, c
 def test_peer_parity_tells_one_update_from_three(fashion_batch_28):
     """The comparison above can fail: gonjax with one latent update against the package with three."""
     images = fashion_batch_28[:8]
-    gon = _peer_model(PEER_CASES["implicit_n3"], 1)
+    gon = _peer_model(Config(**_PEER_IMPLICIT, latent_updates=3), 1)
     variables = pr.flax_variables(gon)
     step = pr.peer_train_step(gon, tr.make_adam(gon, 1e-4), pr.coordinate_input(*images.shape[:2]),
                               torch.from_numpy(images))
