@@ -61,15 +61,17 @@ def test_forward_mode_autodiff_matches_finite_differences(case):
         loss, params = _loss_fn(case, "autodiff")
         tuned_loss, _ = _loss_fn(case, "xla_cpu")
         # The switch is the same function: loss and gradient equal the tuned kernels' to float64 rounding.
-        value, grads = jax.value_and_grad(loss)(params)
-        tuned_value, tuned_grads = jax.value_and_grad(tuned_loss)(params)
+        loss = jax.jit(loss)  # compiled: float64 ops dispatched one by one made this test slow
+        value, grads = jax.jit(jax.value_and_grad(loss))(params)
+        tuned_value, tuned_grads = jax.jit(jax.value_and_grad(tuned_loss))(params)
         np.testing.assert_allclose(value, tuned_value, rtol=1e-12)
         for g, tg in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(tuned_grads)):
             np.testing.assert_allclose(g, tg, rtol=1e-9, atol=1e-12 * max(1.0, float(jnp.abs(tg).max())))
 
         # jvp against a central difference along a random direction.
         t = _direction(params)
-        primal, tangent = jax.jit(lambda p, d: jax.jvp(loss, (p,), (d,)))(params, t)
+        jvp = jax.jit(lambda p, d: jax.jvp(loss, (p,), (d,)))
+        primal, tangent = jvp(params, t)
         h = 1e-4  # a five-point stencil: error O(h^4)
         central = (8 * (loss(_shift(params, t, h)) - loss(_shift(params, t, -h)))
                    - (loss(_shift(params, t, 2 * h)) - loss(_shift(params, t, -2 * h)))) / (12 * h)
@@ -88,8 +90,8 @@ def test_forward_mode_autodiff_matches_finite_differences(case):
         # vmap of jvp over two directions equals the two jvps.
         u = _direction(params, seed=3)
         both = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), t, u)
-        batched = jax.vmap(lambda d: jax.jvp(loss, (params,), (d,))[1])(both)
-        np.testing.assert_allclose(batched, [tangent, jax.jvp(loss, (params,), (u,))[1]], rtol=1e-10)
+        batched = jax.jit(jax.vmap(lambda d: jax.jvp(loss, (params,), (d,))[1]))(both)
+        np.testing.assert_allclose(batched, [tangent, jvp(params, u)[1]], rtol=1e-10)
 
 
 @pytest.mark.parametrize("case", ["gon", "vae", "implicit_gon"])
