@@ -55,6 +55,16 @@ def peer_gon(decoder: nn.Module, config: Config) -> gon_pytorch.GON:
     return gon_pytorch.GON(decoder, latent_updates=config.latent_updates, learn_origin=config.learn_origin)
 
 
+def peer_model(config: Config, nc: int) -> gon_pytorch.GON:
+    """The package's GON matching gonjax's model for `config`: around the spec's conv decoder (the GON) or
+    around its own SIREN decoder (`implicit_decoder`, the Implicit GON)."""
+    if config.model == "gon":
+        decoder = ConvLatentDecoder(tr.ConvDecoder(nz=config.nz, ngf=config.ngf, nc=nc), config.nz)
+    else:
+        decoder = implicit_decoder(config, nc)
+    return peer_gon(decoder, config)
+
+
 def coordinate_input(n: int, size: int, dtype=torch.float64, device=None) -> torch.Tensor:
     """The package's coordinate input for n images of size x size: (n, size, size, 2), gonjax's grid
     (`models.coordinate_grid`: row-major, coordinate 0 = row) in every image."""

@@ -128,14 +128,6 @@ def _peer_reconstruct(gon, images_nchw, config):
     return output if coords is None else output.permute(0, 3, 1, 2)
 
 
-def _peer_model(config: Config, nc: int) -> torch.nn.Module:
-    if config.model == "gon":
-        decoder = pr.ConvLatentDecoder(tr.ConvDecoder(nz=config.nz, ngf=config.ngf, nc=nc), config.nz)
-    else:
-        decoder = pr.implicit_decoder(config, nc)
-    return pr.peer_gon(decoder, config)
-
-
 def _peer_benchmark(model: str, **variants) -> Benchmark:
     def config(args):
         if model == "gon":
@@ -144,7 +136,7 @@ def _peer_benchmark(model: str, **variants) -> Benchmark:
         return Config(model="implicit_gon", nz=32, origin_shortcut=args.origin_shortcut,
                       dataset=_implicit_dataset(args), loss="peer_bce", **variants)
 
-    return Benchmark(config=config, torch_model=_peer_model, torch_train_step=_peer_train_step,
+    return Benchmark(config=config, torch_model=pr.peer_model, torch_train_step=_peer_train_step,
                      torch_reconstruct=_peer_reconstruct, default_shape=(32, 32, 1) if model == "gon" else (28, 28, 1),
                      port=pr.flax_variables, reference=f"gon-pytorch {importlib.metadata.version('gon-pytorch')}")
 

@@ -118,8 +118,6 @@ def stride2_tap_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return _depth_to_space(phases)
 
 
-
-
 def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
     """Cross-correlation of x (N, H, W, Cin) with kernel (k, k, Cin, Cout) as its unfolded patches (im2col) times
     one matmul: on XLA:CPU the weight gradient of the image layer is 1.5x faster so than as a convolution."""

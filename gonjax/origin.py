@@ -40,10 +40,14 @@ class OriginResult(NamedTuple):
     """What the origin step produced besides the outer loss."""
 
     latent: jax.Array  # z_N, after the last latent update
-    inner_loss: jax.Array  # L_in(z0), the inner loss at the start
+    inner_losses: jax.Array  # (N,): L_in(z_k) of every update k = 0 .. N-1
     state: Any  # model state after the inner passes and then the outer pass
     output: Any  # fit output at z_N (the reconstruction)
-    inner_losses: jax.Array | None = None  # (N,): L_in(z_k) of every update k = 0 .. N-1
+
+    @property
+    def inner_loss(self) -> jax.Array:
+        """L_in(z0), the inner loss at the start."""
+        return self.inner_losses[0]
 
 
 def initial_latent(rng: jax.Array, shape: tuple[int, ...], sigma: float, dtype=jnp.float32) -> jax.Array:
@@ -142,4 +146,4 @@ def origin_step(fit: Fit, params, state, batch, rng: jax.Array, z0: jax.Array, *
     if detach:
         latent = jax.lax.stop_gradient(latent)
     loss, (state, output) = fit(params, state, latent, batch, rng_outer)
-    return loss, OriginResult(latent, inner_losses[0], state, output, jnp.stack(inner_losses))
+    return loss, OriginResult(latent, jnp.stack(inner_losses), state, output)

@@ -97,6 +97,12 @@ def _with_learned_origin(config: Config, variables, nz: int, dtype) -> dict[str,
     return variables
 
 
+def _origin_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The keys of an origin-step model's z0 draw and of its origin step (split by `origin.pass_keys`)."""
+    rng_z0, rng_fit = jax.random.split(rng)
+    return rng_z0, rng_fit
+
+
 def _origin_model_step(config: Config, fit: origin.Fit, params, state, batch, rng: jax.Array, nz: int, *,
                        shortcut: origin.OriginShortcut | None = None, inner_fit: origin.Fit | None = None):
     """`origin.origin_step` with the config's variants, for every origin-step model (GON-SPEC 4.1-4.4, 9).
@@ -104,7 +110,7 @@ def _origin_model_step(config: Config, fit: origin.Fit, params, state, batch, rn
     z0 is the origin, or params[ORIGIN_PARAM] for every example (learned origin), plus N(0, sigma^2) noise for
     the latent-init ablation; then config.latent_updates updates of step config.latent_step_size.
     """
-    rng_z0, rng_fit = jax.random.split(rng)
+    rng_z0, rng_fit = _origin_keys(rng)
     batch_size, dtype = batch.shape[0], batch.dtype
     z0 = origin.initial_latent(rng_z0, (batch_size, nz), config.latent_sigma, dtype)
     if ORIGIN_PARAM in params:
@@ -117,7 +123,7 @@ def _origin_model_step(config: Config, fit: origin.Fit, params, state, batch, rn
 def _origin_metrics(result: origin.OriginResult) -> dict[str, jax.Array]:
     """`inner_loss` (at z0) and, after several latent updates, `last_inner_loss` (at z_{N-1})."""
     metrics = {"inner_loss": result.inner_loss}
-    if result.inner_losses is not None and result.inner_losses.shape[0] > 1:
+    if result.inner_losses.shape[0] > 1:
         metrics["last_inner_loss"] = result.inner_losses[-1]
     return metrics
 
@@ -180,8 +186,8 @@ def _vgon_pass_noise(pass_key: jax.Array, shape: tuple[int, ...], dtype) -> jax.
 
 def vgon_noise(rng: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
     """The eps of the (first) inner and of the outer pass that `vgon(...).apply` draws from `rng` (independent
-    draws; `_origin_model_step` splits off the key of z0 first)."""
-    inner, outer = origin.pass_keys(jax.random.split(rng)[1])
+    draws)."""
+    inner, outer = origin.pass_keys(_origin_keys(rng)[1])
     return _vgon_pass_noise(inner, shape, dtype), _vgon_pass_noise(outer, shape, dtype)
 
 

@@ -45,7 +45,11 @@ def _torch_model(model: str, config: Config, nc: int, seed: int) -> torch.nn.Mod
     torch.manual_seed(seed)
     if model == "implicit_gon":
         return tr.Siren(nz=config.nz, nc=nc).double()
-    module = TORCH_MODELS[model](nz=config.nz, ngf=config.ngf, nc=nc).double()
+    return _batch_norms_off_identity(TORCH_MODELS[model](nz=config.nz, ngf=config.ngf, nc=nc).double(), seed)
+
+
+def _batch_norms_off_identity(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every BN's scale drawn from [0.5, 1.5) and bias from [-0.5, 0.5) (see `_torch_model`), in place."""
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for bn in (m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)):
@@ -121,6 +125,16 @@ def gradient_errors(grads, torch_grads: dict) -> dict[str, float]:
     return errors
 
 
+def _update_errors(grads, new_state, reference_grads: dict, reference_after: dict) -> dict[str, float]:
+    """Every gradient (`gradient_errors`), the parameters after Adam and the model state (BN statistics, a
+    Fourier projection) against the reference's after its step."""
+    errors = gradient_errors(grads, reference_grads)
+    errors.update({f"param {k}": v for k, v in tree_errors(new_state.params, reference_after["params"]).items()})
+    errors.update({f"state {k}": v for k, v in tree_errors(new_state.batch_stats,
+                                                           reference_after["batch_stats"]).items()})
+    return errors
+
+
 def _compare_one_step(config, images, seed=0, perturb=None):
     """Run one step in both frameworks from the same weights; return {quantity: relative error}."""
     module = _torch_model(config.model, config, images.shape[-1], seed)
@@ -142,9 +156,7 @@ def _compare_one_step(config, images, seed=0, perturb=None):
         if torch_step.latent is not None:
             errors["latent"] = relative_error(output.latent, torch_step.latent.numpy())
             errors["inner_loss"] = relative_error(output.metrics["inner_loss"], torch_step.inner_loss.numpy())
-        errors.update(gradient_errors(grads, torch_grads))
-        errors.update({f"param {k}": v for k, v in tree_errors(new_state.params, after["params"]).items()})
-        errors.update({f"bn {k}": v for k, v in tree_errors(new_state.batch_stats, after["batch_stats"]).items()})
+        errors.update(_update_errors(grads, new_state, torch_grads, after))
     return errors
 
 
@@ -273,11 +285,7 @@ def _peer_model(config: Config, nc: int, seed: int = 0):
     """The package's GON for `config` (the conv GON: around the spec's decoder, BN moved off (1, 0) as in
     `_torch_model`), float64, with a learned origin set away from zero so that its path is exercised."""
     torch.manual_seed(seed)
-    if config.model == "gon":
-        decoder = pr.ConvLatentDecoder(_torch_model("gon", config, nc, seed), config.nz)
-    else:
-        decoder = pr.implicit_decoder(config, nc)
-    gon = pr.peer_gon(decoder, config).double()
+    gon = _batch_norms_off_identity(pr.peer_model(config, nc).double(), seed)
     if config.learn_origin:
         with torch.no_grad():
             gon.init_latent.copy_(0.05 * torch.randn(gon.init_latent.shape, dtype=torch.float64))
@@ -302,9 +310,7 @@ def _compare_peer_step(config: Config, images: np.ndarray) -> dict[str, float]:
                   "inner_loss": relative_error(output.metrics[inner_key], step.inner_loss.numpy()),
                   "latent": relative_error(output.latent, step.latent.numpy()),
                   "reconstruction": relative_error(output.reconstruction, output_nhwc)}
-        errors.update(gradient_errors(grads, peer_grads))
-        errors.update({f"param {k}": v for k, v in tree_errors(new_state.params, after["params"]).items()})
-        errors.update({f"state {k}": v for k, v in tree_errors(new_state.batch_stats, after["batch_stats"]).items()})
+        errors.update(_update_errors(grads, new_state, peer_grads, after))
     return errors
 
 
