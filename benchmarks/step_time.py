@@ -37,6 +37,7 @@ import optax
 import torch
 
 from benchmarks import floor
+from benchmarks.stats import summary
 from benchmarks import peer_reference as pr
 from benchmarks import torch_reference as tr
 from gonjax import train, xla, zoo
@@ -173,13 +174,6 @@ BENCHMARKS = {
 IMPLICIT_ROWS = ("implicit_gon", "implicit_mod")
 
 
-def _summary(samples_s: list[float]) -> dict:
-    ms = sorted(1000 * s for s in samples_s)
-    quartiles = statistics.quantiles(ms, n=4)
-    return {"median": statistics.median(ms), "p25": quartiles[0], "p75": quartiles[2], "min": ms[0], "max": ms[-1],
-            "n": len(ms)}
-
-
 def _torch_sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -281,7 +275,7 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
                 jax.block_until_ready(eval_floor())
             floor_eval.append(images / (time.perf_counter() - start))
 
-    jax_ms, torch_ms = _summary(jax_times), _summary(torch_times)
+    jax_ms, torch_ms = summary(jax_times), summary(torch_times)
     jax_ips, torch_ips = statistics.median(jax_eval), statistics.median(torch_eval)
     result = {
         "model": name,
@@ -301,7 +295,7 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
         "eval_speedup": jax_ips / torch_ips,
     }
     if args.floor:
-        floor_ms, floor_ips = _summary(floor_times), statistics.median(floor_eval)
+        floor_ms, floor_ips = summary(floor_times), statistics.median(floor_eval)
         result.update({
             "floor_ms": floor_ms["median"], "floor_ms_spread": floor_ms, "floor_gflop": train_flops / 1e9,
             "speedup_ceiling": torch_ms["median"] / floor_ms["median"],

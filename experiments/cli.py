@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from gonjax import parallel
 from gonjax.config import DATASETS, LOSSES, ORIGIN_MODELS, Config
 from gonjax.errors import GonjaxError
 from gonjax.models import ACTIVATIONS, POSITION_ENCODINGS
@@ -68,7 +69,7 @@ def build_parser(prog: str, description: str, model: str) -> argparse.ArgumentPa
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=defaults.seed)
     seeds.add_argument("--seeds", type=seed_list, default=None,
-                       help="train one run per seed, one after another, into WORKDIR/seed<k> (e.g. 0,1,2)")
+                       help="train one run per seed, all in one program, into WORKDIR/seed<k> (e.g. 0,1,2)")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="stop after this many training steps, then evaluate (smoke runs)")
     parser.add_argument("--workdir", default=None,
@@ -81,7 +82,24 @@ def build_parser(prog: str, description: str, model: str) -> argparse.ArgumentPa
     parser.add_argument("--eval-batches", type=int, default=None,
                         help="evaluate on the first N batches of each split only (default: full passes, as the "
                              "spec's tables; records then carry eval_batches)")
+    add_scale_flags(parser)
     return parser
+
+
+def add_scale_flags(parser: argparse.ArgumentParser) -> None:
+    """Devices and processes (README "Scaling"; gonjax.parallel): they change where a run computes, not what."""
+    scale = parser.add_argument_group("devices and hosts (the same results on any of them)")
+    scale.add_argument("--devices", type=int, default=None,
+                       help="split each batch over this many devices (default: all devices of all processes)")
+    scale.add_argument("--coordinator", default=None,
+                       help="HOST:PORT of process 0, for a run of several processes (hosts)")
+    scale.add_argument("--num-processes", type=int, default=None, help="processes of the run")
+    scale.add_argument("--process-id", type=int, default=None, help="this process's index, 0 to N-1")
+
+
+def join_processes(args: argparse.Namespace) -> None:
+    """Join the run's other processes where the flags (or a cluster's environment) say there are some."""
+    parallel.initialize(args.coordinator, args.num_processes, args.process_id)
 
 
 def _add_variant_flags(parser: argparse.ArgumentParser, model: str, defaults: Config) -> None:
@@ -152,7 +170,12 @@ def report_errors(prog: str, action: Callable[[], object]) -> int:
         action()
     except GonjaxError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
+        parallel.exit_if_several(1)
         return 1
+    except (RuntimeError, ValueError) as error:
+        if parallel.lost_peer(error):  # another process of a multi-process run died: stop, one line
+            parallel.exit_lost_peer(prog, error)
+        raise
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -168,21 +191,30 @@ def report_errors(prog: str, action: Callable[[], object]) -> int:
     return 0
 
 
-def run(model: str, description: str, argv: Sequence[str] | None,
-        train: Callable[..., object]) -> int:
-    """Parse flags and run `train(config, workdir, should_stop=...)` for `model` (once per seed of --seeds)."""
+def run(model: str, description: str, argv: Sequence[str] | None) -> int:
+    """Parse flags and train `model` (gonjax.train.train_and_evaluate; with --seeds, train_seeds: every seed in
+    one program)."""
+    from gonjax.train import train_and_evaluate, train_seeds
+
     prog = f"python -m experiments.{model}"
     args = build_parser(prog, description, model).parse_args(argv)
 
     def start():
+        join_processes(args)
         config = config_from_args(args, model).validate()
         workdir = Path(args.workdir) if args.workdir else default_workdir(config)
         if args.seeds is None:
-            print(f"{prog}: writing to {workdir}", flush=True)
-            train(config, workdir, should_stop=STOP.is_set)
+            say(f"{prog}: writing to {workdir}")
+            train_and_evaluate(config, workdir, should_stop=STOP.is_set)
             return
-        for seed in args.seeds:  # each seed an ordinary run folder, resumable on its own
-            print(f"{prog}: seed {seed}: writing to {workdir / f'seed{seed}'}", flush=True)
-            train(dataclasses.replace(config, seed=seed), workdir / f"seed{seed}", should_stop=STOP.is_set)
+        say(f"{prog}: seeds {', '.join(map(str, args.seeds))} in one program: writing to "
+            f"{', '.join(str(workdir / f'seed{seed}') for seed in args.seeds)}")
+        train_seeds(config, args.seeds, workdir, should_stop=STOP.is_set)
 
     return report_errors(prog, start)
+
+
+def say(line: str) -> None:
+    """A progress line, from process 0 only in a run of several processes."""
+    if parallel.is_primary():
+        print(line, flush=True)

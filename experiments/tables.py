@@ -69,19 +69,24 @@ def _jobs(cells, max_epochs):
 
 
 def run_cells(cells, results_dir: Path, max_epochs, data_flags: dict, write_report) -> int:
-    """Train every cell to its (capped) schedule, one after another; returns how many runs failed."""
+    """Train every cell to its (capped) schedule, cell after cell; the seeds of a cell that still need training
+    train together in one program (gonjax.train.train_seeds). Returns how many runs failed."""
     from gonjax.data import input_pipeline  # TFDS only when something trains
-    from gonjax.train import train_and_evaluate
+    from gonjax.train import train_and_evaluate, train_seeds
 
     status = results.read_status(results_dir)
     prepared, failures = set(), 0
     jobs = _jobs(cells, max_epochs)
+    groups: dict = {}  # (cell's folder without the seed, target) -> [(cell, folder, where, done)], in plan order
     for index, (cell, folder, target) in enumerate(jobs, 1):
         where = f"[{index}/{len(jobs)}] {folder}"
         done = _epochs_done(results_dir, cell, target)
         if done >= target:
             print(f"{where}: done ({done}/{cell.schedule_epochs} epochs)", flush=True)
             continue
+        groups.setdefault((folder.parent, target), []).append((cell, folder, where, done))
+    for (parent, target), group in groups.items():
+        cell = group[0][0]
         if cell.dataset not in prepared:
             try:
                 input_pipeline.prepare_builder(cell.dataset, **data_flags)
@@ -93,15 +98,22 @@ def run_cells(cells, results_dir: Path, max_epochs, data_flags: dict, write_repo
                 continue
             prepared.add(cell.dataset)
             status["datasets"].pop(cell.dataset, None)
-        print(f"{where}: training to epoch {target}/{cell.schedule_epochs} (at {done})", flush=True)
+        for _, _, where, done in group:
+            print(f"{where}: training to epoch {target}/{cell.schedule_epochs} (at {done})", flush=True)
+        folders = [str(folder) for _, folder, _, _ in group]
         try:
-            train_and_evaluate(cell.config(epochs=target, **data_flags), results_dir / folder,
-                               should_stop=cli.STOP.is_set)
-            status["runs"].pop(str(folder), None)
+            config = cell.config(epochs=target, **data_flags)
+            if len(group) == 1:
+                train_and_evaluate(config, results_dir / group[0][1], should_stop=cli.STOP.is_set)
+            else:  # the seeds of one cell, stacked in one program
+                train_seeds(config, [c.seed for c, _, _, _ in group], results_dir / parent, should_stop=cli.STOP.is_set)
+            for folder in folders:
+                status["runs"].pop(folder, None)
         except (DivergedError, UsageError, DataError) as error:
-            print(f"{PROG}: {folder}: {error}", file=sys.stderr, flush=True)
-            status["runs"][str(folder)] = str(error)
-            failures += 1
+            print(f"{PROG}: {', '.join(folders)}: {error}", file=sys.stderr, flush=True)
+            for folder in folders:
+                status["runs"][folder] = str(error)
+            failures += len(folders)
         results.write_status(results_dir, status)
         write_report()
     return failures

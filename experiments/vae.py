@@ -5,11 +5,10 @@
 import sys
 
 from experiments import cli
-from gonjax.train import train_and_evaluate
 
 
 def main(argv=None) -> int:
-    return cli.run("vae", __doc__.strip().splitlines()[0], argv, train_and_evaluate)
+    return cli.run("vae", __doc__.strip().splitlines()[0], argv)
 
 
 if __name__ == "__main__":

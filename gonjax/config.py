@@ -41,7 +41,7 @@ def _has_type(value, annotation: str) -> bool:
 
 
 # Fields that may change when a run is resumed; every other field must match the saved config.json.
-RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "data_dir", "manual_dir", "keep_checkpoints",
+RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "data_dir", "manual_dir", "keep_checkpoints", "devices",
                                "deconv_impl", "kernels", "origin_shortcut"})  # the same function computed another way
 
 
@@ -74,6 +74,7 @@ class Config:
     kernels: str = "xla_cpu"  # "autodiff": JAX's own primitives only, for jvp / linearize / hessian (gonjax.kernels)
     origin_shortcut: bool = True  # inner pass at z0 = 0 from one decoded example (gonjax.origin.origin_gradient)
     eval_batches: int | None = None  # evaluate on the first N batches of each split only (default: full passes)
+    devices: int | None = None  # devices the batch is split over (gonjax.parallel); None: every device
     # Variants of the origin step (docs/spec.md "Variants"; gon, vgon, implicit_gon). Defaults are the spec's.
     latent_updates: int = 1  # N updates z <- z - latent_step_size * grad L_in(z), each differentiable
     latent_step_size: float = 1.0
@@ -113,7 +114,7 @@ class Config:
             raise UsageError(f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "nz": self.nz, "ngf": self.ngf,
                     "keep_checkpoints": self.keep_checkpoints}
-        for name in ("max_steps", "eval_batches"):
+        for name in ("max_steps", "eval_batches", "devices"):
             if getattr(self, name) is not None:
                 positive[name] = getattr(self, name)
         for name, value in positive.items():

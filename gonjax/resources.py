@@ -21,11 +21,11 @@ def available_memory() -> int:
 
 
 def available_device_memory() -> int:
-    """Bytes free on the default device: its allocator's limit less what is in use (GPUs), or available_memory()
+    """Bytes free on this process's first device: its allocator's limit less what is in use (GPUs), or available_memory()
     where the device does not report one (CPU)."""
     import jax
 
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
     return available_memory()

@@ -17,6 +17,7 @@ reproduces an uninterrupted run; a finished one is left as it is.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import math
@@ -38,7 +39,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from gonjax import files, plots, resources, xla
+from gonjax import files, parallel, plots, resources, xla
 from gonjax.catalog import SPLIT_SIZES
 from gonjax.config import Config
 from gonjax.data import input_pipeline
@@ -127,26 +128,28 @@ def make_eval_step(model: Model):
     return eval_step
 
 
-def evaluate(eval_step, state: TrainState, images: np.ndarray, batch_size: int, rng: jax.Array,
-             should_stop: Callable[[], bool] | None = None):
+def evaluate(eval_step, state: TrainState, images: np.ndarray, batch_size: int, batch_key: Callable[[int], Any],
+             should_stop: Callable[[], bool] | None = None, put=jax.device_put):
     """Mean of every metric over a full pass in batches of `batch_size` (drop last), and the first batch with
-    its reconstruction. Metrics are summed on the device and read once. `should_stop` is polled per batch."""
+    its reconstruction. `batch_key(i)` is the key of batch i, `put` places a batch (`parallel.Layout.put`).
+    Metrics are summed on the device and read once: NumPy values, one per replica when the state is stacked.
+    `should_stop` is polled per batch."""
     sums, first = None, None
     count = 0
-    batches = input_pipeline.prefetch_to_device(input_pipeline.eval_batches(images, batch_size))
+    batches = input_pipeline.prefetch_to_device(input_pipeline.eval_batches(images, batch_size), put=put)
     try:
         for index, batch in enumerate(batches):
             stop_if_requested(should_stop)
-            metrics, reconstruction = eval_step(state, batch, jax.random.fold_in(rng, index))
+            metrics, reconstruction = eval_step(state, batch, batch_key(index))
             sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
             if first is None:
-                first = (batch, reconstruction)
+                first = reconstruction
             count += 1
     finally:
         batches.close()
         _wait_for((sums, first))  # also on a stop: no computation outlives the pass (see _train)
-    means = {name: float(value) / count for name, value in jax.device_get(sums).items()}
-    return means, (np.asarray(first[0]), np.asarray(first[1]))
+    means = {name: np.asarray(value) / count for name, value in jax.device_get(sums).items()}
+    return means, (np.asarray(images[:batch_size]), np.asarray(first))
 
 
 def _wait_for(arrays) -> None:
@@ -182,14 +185,27 @@ def time_steps(config: Config, image_shape: tuple[int, int, int], repeats: int =
 class RunDir:
     """A run's folder: refuses to touch anything that is not this run, holds an exclusive lock on it while the
     run is open (a second process on the same folder gets a UsageError naming the holder; the operating system
-    drops the lock of a process that dies), writes files atomically."""
+    drops the lock of a process that dies), writes files atomically.
+
+    In a run of several processes only process 0 holds the folder (`claim`) and writes; the others only check it
+    and read (`primary=False`). `claim=False` checks now and leaves the claim for later."""
 
     LOCK = ".lock"
 
-    def __init__(self, path: Path, config: Config):
+    def __init__(self, path: Path, config: Config, primary: bool = True, claim: bool = True):
         self.path = Path(path)
+        self.config = config
+        self.primary = primary
         self._lock = None
         self._check(config)
+        if claim:
+            self.claim()
+
+    def claim(self) -> None:
+        """Create the folder, lock it and write config.json (the primary process)."""
+        if not self.primary:
+            return
+        config = self.config
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._acquire_lock()
@@ -244,18 +260,21 @@ class RunDir:
             self._lock = None
 
     def write_text(self, name: str, text: str) -> None:
-        files.write_atomic(self.path / name, text)
+        if self.primary:
+            files.write_atomic(self.path / name, text)
 
     def read_metrics(self, up_to_step: int, name: str = "metrics.jsonl") -> list[dict]:
         """Records of a JSON-lines file up to `up_to_step`; later ones (written after the last checkpoint of an
         interrupted run) are dropped from the file."""
         records, torn = files.read_jsonl(self.path / name)
         kept = [r for r in records if r["step"] <= up_to_step]
-        if torn or len(kept) != len(records):  # rows past the checkpoint or a torn last line: rewrite
+        if self.primary and (torn or len(kept) != len(records)):  # rows past the checkpoint, a torn line: rewrite
             self.write_text(name, "".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
     def append_metrics(self, record: dict, name: str = "metrics.jsonl") -> None:
+        if not self.primary:
+            return
         with open(self.path / name, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -276,8 +295,9 @@ class StepMeter:
         self.steps += 1
 
     def read(self) -> dict:
-        """{"loss": mean step loss, "steps": n, "seconds": wall time, "steps_per_s", "images_per_s"}; restarts."""
-        loss = float(self.loss_sum) / self.steps
+        """{"loss": mean step loss (one per replica when stacked), "steps": n, "seconds": wall time,
+        "steps_per_s", "images_per_s" (of each replica)}; restarts."""
+        loss = np.asarray(jax.device_get(self.loss_sum)) / self.steps
         seconds = time.perf_counter() - self.started
         window = {"loss": loss, "steps": self.steps, "seconds": seconds, "steps_per_s": self.steps / seconds,
                   "images_per_s": self.steps * self.batch_size / seconds}
@@ -369,14 +389,14 @@ def _check_batch_size(config: Config, train_images: int, test_images: int) -> No
                          f"({train_images} train / {test_images} test images)")
 
 
-def _check_memory(config: Config, model: Model) -> None:
-    """Refuse settings whose parameters, gradients and Adam moments (about 5 copies of the parameters) cannot fit
-    on the device, before anything is allocated (e.g. --nz 100000000)."""
+def _check_memory(config: Config, model: Model, replicas: int = 1) -> None:
+    """Refuse settings whose parameters, gradients and Adam moments (about 5 copies of the parameters, for each
+    replica) cannot fit on the device, before anything is allocated (e.g. --nz 100000000)."""
     shape = (config.batch_size, model.image_size, model.image_size, input_pipeline.CHANNELS[config.dataset])
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct(shape, jnp.float32))
     leaves = jax.tree_util.tree_leaves(shapes)
     count = sum(leaf.size for leaf in leaves)
-    resources.require_memory(5 * sum(leaf.size * leaf.dtype.itemsize for leaf in leaves),
+    resources.require_memory(5 * replicas * sum(leaf.size * leaf.dtype.itemsize for leaf in leaves),
                              f"{config.run_name} with these settings ({count:,} parameters)",
                              "lower --nz or --ngf", device=True)
 
@@ -411,49 +431,95 @@ def _epoch_label(step: int, steps_per_epoch: int) -> int | float:
 def train_and_evaluate(config: Config, workdir, should_stop: Callable[[], bool] | None = None) -> list[dict]:
     """Train `config.model` on `config.dataset`, evaluating before training and after every epoch.
 
-    `should_stop`, polled before every training step and evaluation batch, stops the run with KeyboardInterrupt
-    when it returns True (the CLIs pass their Ctrl-C / SIGTERM flag); the latest checkpoint is kept. Returns the
-    metric records of the whole run (also in workdir/metrics.jsonl).
+    The steps run on `config.devices` devices (default: every device of every process; `gonjax.parallel`), the
+    same math as on one. `should_stop`, polled before every training step and evaluation batch, stops the run
+    with KeyboardInterrupt when it returns True (the CLIs pass their Ctrl-C / SIGTERM flag); the latest
+    checkpoint is kept. Returns the metric records of the whole run (also in workdir/metrics.jsonl).
     """
-    config.validate()
+    return _train_runs([config], [Path(workdir)], should_stop)[0]
+
+
+def train_seeds(config: Config, seeds: list[int], workdir,
+                should_stop: Callable[[], bool] | None = None) -> list[list[dict]]:
+    """`config` once per seed in one program: the train states stacked along a replica axis, the steps vmapped
+    over it (on a mesh, replicas split over its `replica` axis as far as the device count allows).
+
+    Seed k trains into `workdir/seed<k>`, an ordinary run folder, as `train_and_evaluate(replace(config,
+    seed=k), workdir/seed<k>)` would (the same init, data order and keys); each resumes on its own, and seeds
+    found at different steps are first brought level. Returns each seed's records.
+    """
+    configs = [dataclasses.replace(config, seed=seed) for seed in seeds]
+    return _train_runs(configs, [Path(workdir) / f"seed{seed}" for seed in seeds], should_stop)
+
+
+def _train_runs(configs: list[Config], workdirs: list[Path], should_stop) -> list[list[dict]]:
+    """Check everything checkable, claim the run folders (process 0), then `_train`."""
+    for config in configs:
+        config.validate()
+    config = configs[0]
     _check_batch_size(config, *SPLIT_SIZES[config.dataset])  # before the run folder is claimed: no debris
     model = build_model(config, input_pipeline.CHANNELS[config.dataset])
-    _check_memory(config, model)
-    run = RunDir(Path(workdir), config)
+    parallel.make_layout(config.devices, config.batch_size, len(configs))  # a bad --devices: nothing written
+    _check_memory(config, model, len(configs))
+    runs = [RunDir(workdir, config, parallel.is_primary(), claim=False) for config, workdir in zip(configs, workdirs)]
+    parallel.sync("gonjax: run folders checked")  # by every process before process 0 writes in them
     try:
-        return _train(run, config, model, should_stop)
+        for run in runs:
+            run.claim()
+        parallel.sync("gonjax: run folders claimed")
+        return _train(runs, model, should_stop)
     finally:
-        run.release()
+        for run in runs:
+            run.release()
 
 
-def _train(run: RunDir, config: Config, model: Model, should_stop: Callable[[], bool] | None) -> list[dict]:
-    """train_and_evaluate's work in its claimed (and locked) run folder."""
-    data = input_pipeline.load_dataset(config.dataset, image_size=model.image_size, data_dir=config.data_dir,
-                                       manual_dir=config.manual_dir)
-    run.write_text("data.json", json.dumps(data.info, indent=2) + "\n")
-    stop_if_requested(should_stop)  # a stop during data preparation, before compiling
-    _check_batch_size(config, len(data.train), len(data.test))  # the files read (e.g. a small CIFAR-10 folder)
-    steps_per_epoch = input_pipeline.num_batches(len(data.train), config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
+@dataclasses.dataclass
+class _Replica:
+    """One seed's run in `_train`: its folder, checkpoints, records and keys, and its state between groups."""
 
-    optimizer = make_optimizer(config, steps_per_epoch)
-    init_rng, train_rng, eval_rng, sample_rng = jax.random.split(jax.random.PRNGKey(config.seed), 4)
-    state = create_train_state(model, optimizer, init_rng, jnp.asarray(data.train[:config.batch_size]))
-    train_step = xla.jit(make_train_step(model, optimizer), donate_argnums=0)
-    eval_step = xla.jit(make_eval_step(model))
-    sample = xla.jit(model.sample, static_argnums=3) if model.sample else None
+    run: RunDir
+    manager: ocp.CheckpointManager
+    state: TrainState
+    records: list[dict]
+    windows: list[dict]
+    train_rng: np.ndarray
+    eval_rng: np.ndarray
+    sample_rng: np.ndarray
+    train_seconds: float = 0.0
+    warned: bool = False  # a flat loss is warned about once per process
 
+    @property
+    def config(self) -> Config:
+        return self.run.config
+
+    @property
+    def step(self) -> int:
+        return int(self.state.step)
+
+
+def _say(*args, **kwargs) -> None:
+    """print, on process 0 only (every process runs the same loop)."""
+    if parallel.is_primary():
+        print(*args, **kwargs, flush=True)
+
+
+def _open_replica(run: RunDir, init_state: Callable, layout: parallel.Layout) -> _Replica:
+    """A run's keys, its checkpoint manager and its latest intact state (damaged checkpoints set aside), or a
+    fresh state; its records up to that state's step."""
+    init_rng, train_rng, eval_rng, sample_rng = (
+        np.asarray(key) for key in jax.random.split(jax.random.PRNGKey(run.config.seed), 4))
+    state = init_state(layout.put(init_rng, layout.replicated))
     manager = ocp.CheckpointManager(
         (run.path / "checkpoints").absolute(),
         # Saved synchronously: a failed save (a full disk) stops the run at that step, not an epoch later.
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+        options=ocp.CheckpointManagerOptions(max_to_keep=run.config.keep_checkpoints, create=True,
                                              enable_async_checkpointing=False))
     if manager.latest_step() is not None:
         damaged_dir = run.path / "damaged_checkpoints"
 
         def set_aside(step: int, reason: str) -> None:  # kept for inspection, out of the manager's way
+            if not run.primary:
+                return
             damaged_dir.mkdir(exist_ok=True)
             target = damaged_dir / str(step)
             while target.exists():
@@ -463,103 +529,228 @@ def _train(run: RunDir, config: Config, model: Model, should_stop: Callable[[], 
                   file=sys.stderr, flush=True)
 
         restored = _restore_intact(manager, state, set_aside)
+        parallel.sync("gonjax: checkpoints restored")
         manager.reload()
         if restored is not None:
             state = restored
-        else:
+        elif run.primary:
             print(f"{run.path}: no intact checkpoint is left; training starts again from step 0", file=sys.stderr,
                   flush=True)
     step = int(state.step)
     records = run.read_metrics(up_to_step=step)
-    windows = run.read_metrics(up_to_step=step, name="train_metrics.jsonl")
-    if step >= total_steps and records and records[-1]["step"] == step:
-        print(f"{run.path}: this run already finished at step {step} (epoch {records[-1]['epoch']}); "
-              "raise --epochs or --max-steps to train on, or choose another --workdir", flush=True)
-        manager.close()
-        return records
-    if step:
-        print(f"{run.path}: resuming from step {step}", flush=True)
-        if not records or records[0]["step"] != 0:
-            print(f"{run.path}: metrics.jsonl has no rows before step {records[0]['step'] if records else step}; "
-                  "they cannot be recovered (only the latest checkpoints are kept), so the table starts there",
-                  file=sys.stderr, flush=True)
+    return _Replica(run=run, manager=manager, state=state, records=records,
+                    windows=run.read_metrics(up_to_step=step, name="train_metrics.jsonl"),
+                    train_rng=train_rng, eval_rng=eval_rng, sample_rng=sample_rng,
+                    train_seconds=records[-1]["seconds"] if records else 0.0)
 
-    train_seconds = records[-1]["seconds"] if records else 0.0
 
-    def evaluate_and_record():
-        eval_start = time.perf_counter()
-        record = {"epoch": _epoch_label(step, steps_per_epoch), "step": step}
-        split_rngs = jax.random.split(jax.random.fold_in(eval_rng, step))
-        partial = False
-        for split, images, rng in (("train", data.train, split_rngs[0]), ("test", data.test, split_rngs[1])):
-            if config.eval_batches is not None:
-                partial |= config.eval_batches < input_pipeline.num_batches(len(images), config.batch_size)
-                images = images[:config.eval_batches * config.batch_size]
-            means, pictures = evaluate(eval_step, state, images, config.batch_size, rng, should_stop)
-            record.update({f"{split}_{name}": value for name, value in means.items()})
-        if partial:
-            record["eval_batches"] = config.eval_batches  # partial passes: say so next to the numbers
-        epoch_start = (step - 1) // steps_per_epoch * steps_per_epoch
-        since = [w for w in windows if epoch_start < w["step"] <= step]
-        if since:  # the steps of this epoch so far (J's per-epoch training loss), and their speed
-            steps = sum(w["steps"] for w in since)
-            record["mean_step_loss"] = sum(w["train_loss"] * w["steps"] for w in since) / steps
-            record["steps_per_s"] = steps / sum(w["seconds"] for w in since)
-        record["seconds"] = round(train_seconds, 3)
-        record["eval_seconds"] = round(time.perf_counter() - eval_start, 3)
-        bad = [k for k, v in record.items() if not math.isfinite(v)]
-        if bad:
-            raise DivergedError(f"non-finite evaluation metrics at step {step} ({', '.join(bad)}); "
-                                "lower --lr or check the data")
-        run.append_metrics(record)
-        records.append(record)
-        if draws_pictures(record["epoch"], last=step >= total_steps):
-            suffix = f"{record['epoch']}" if isinstance(record["epoch"], int) else f"step{step}"
-            plots.save_reconstructions(run.path / f"recon_{suffix}.png", *pictures,
-                                       title=f"(epoch {record['epoch']})")
-            if sample is not None:
-                samples = sample(state.params, state.batch_stats, jax.random.fold_in(sample_rng, step), 64)
-                plots.save_grids(run.path / f"samples_{suffix}.png", [plots.image_grid(np.asarray(samples))],
-                                 [f"samples from the prior (epoch {record['epoch']})"])
-        metric = model.table_metric
-        plots.save_curves(run.path / "curves.png", records, metric, "SSE / image" if metric == "sse" else "MSE",
-                          windows)
-        if step not in manager.all_steps():  # already saved when metrics.jsonl lost this row
-            _save_checkpoint(manager, step, state, run.path)
-        print(f"epoch {record['epoch']} step {step}: train {metric} {record[f'train_{metric}']:.6g} "
-              f"test {metric} {record[f'test_{metric}']:.6g} loss {record['train_loss']:.6g}/"
-              f"{record['test_loss']:.6g} ({record['eval_seconds']:.1f}s eval)", flush=True)
+def _train(runs: list[RunDir], model: Model, should_stop: Callable[[], bool] | None) -> list[list[dict]]:
+    """train_and_evaluate's / train_seeds' work in their claimed run folders.
 
-    meter = StepMeter(config.batch_size)
-    warned = False  # a flat loss is warned about once per process
-
-    def record_window() -> dict:
-        nonlocal warned
-        window = meter.read()
-        if not math.isfinite(window["loss"]):
-            first = step - window["steps"] + 1
-            raise DivergedError(f"non-finite training loss at steps {first}-{step}; lower --lr or check the data")
-        row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "train_loss": window["loss"],
-               "steps": window["steps"], "seconds": round(window["seconds"], 4),
-               "steps_per_s": window["steps_per_s"], "images_per_s": window["images_per_s"]}
-        run.append_metrics(row, "train_metrics.jsonl")
-        windows.append(row)
-        if not warned and _loss_is_flat(windows):
-            warned = True
-            print(f"{run.path}: warning: the training loss has not improved in {step} steps "
-                  f"({windows[0]['train_loss']:.4g} over the first {windows[0]['steps']}, {row['train_loss']:.4g} "
-                  "now); the learning rate may be too high (--lr)", file=sys.stderr, flush=True)
-        return row
-
-    show_progress = sys.stderr.isatty()
+    Replicas found at different steps (a run stopped between two seeds' checkpoints, or trained alone further)
+    are brought level first: those behind train together up to the next one's step, then all go on together.
+    """
+    config = runs[0].config
+    if not parallel.is_primary():  # process 0 prepares the dataset (one writer in a shared data dir), then the rest
+        parallel.sync("gonjax: dataset prepared")
+    data = input_pipeline.load_dataset(config.dataset, image_size=model.image_size, data_dir=config.data_dir,
+                                       manual_dir=config.manual_dir)
+    if parallel.is_primary():
+        parallel.sync("gonjax: dataset prepared")
+    for run in runs:
+        run.write_text("data.json", json.dumps(data.info, indent=2) + "\n")
+    stop_if_requested(should_stop)  # a stop during data preparation, before compiling
+    _check_batch_size(config, len(data.train), len(data.test))  # the files read (e.g. a small CIFAR-10 folder)
+    steps_per_epoch = input_pipeline.num_batches(len(data.train), config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    optimizer = make_optimizer(config, steps_per_epoch)
+    single = parallel.make_layout(config.devices, config.batch_size)
+    sample_batch = jax.ShapeDtypeStruct((config.batch_size, *data.train.shape[1:]), data.train.dtype)
+    init_state = jax.jit(lambda rng: create_train_state(model, optimizer, rng, jnp.zeros(sample_batch.shape,
+                                                                                          sample_batch.dtype)),
+                         out_shardings=single.state)
+    replicas = []
     try:
-        if not records or records[-1]["step"] != step:
+        for run in runs:
+            replicas.append(_open_replica(run, init_state, single))
+        loop = _TrainLoop(model, optimizer, data, steps_per_epoch, total_steps, should_stop)
+        while True:
+            steps = sorted({replica.step for replica in replicas})
+            if len(steps) == 1 or steps[0] >= total_steps or steps[1] > total_steps:
+                for step in steps:  # one group left, or the others are past this run's end already
+                    loop.run([replica for replica in replicas if replica.step == step], total_steps)
+                break
+            loop.run([replica for replica in replicas if replica.step == steps[0]], steps[1])
+    finally:  # also on errors and Ctrl-C: a checkpoint being written is finished, never left half-written
+        for replica in replicas:
+            replica.manager.wait_until_finished()
+            replica.manager.close()
+    return [replica.records for replica in replicas]
+
+
+def _eval_keys(eval_rng: np.ndarray, step: int, split: int, batches: int) -> np.ndarray:
+    """(batches, 2) keys of one evaluation pass: batch i of split s (0 train, 1 test) after `step` gets
+    fold_in(split(fold_in(eval_rng, step))[s], i)."""
+    rng = jax.random.split(jax.random.fold_in(jnp.asarray(eval_rng), step))[split]
+    return np.asarray(jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(batches)))
+
+
+class _TrainLoop:
+    """The epoch loop of `_train`, run for a group of replicas at the same step (stacked when several)."""
+
+    def __init__(self, model: Model, optimizer, data, steps_per_epoch: int, total_steps: int, should_stop):
+        self.model, self.optimizer, self.data = model, optimizer, data
+        self.steps_per_epoch, self.total_steps, self.should_stop = steps_per_epoch, total_steps, should_stop
+
+    def _compile(self, layout: parallel.Layout):
+        """The jitted train step, eval step and prior sampler on `layout` (vmapped over stacked replicas)."""
+        model, rep = self.model, layout.replicated
+        train, evaluate_batch, sample = make_train_step(model, self.optimizer), make_eval_step(model), model.sample
+        if layout.stacked:
+            train = jax.vmap(train)
+            evaluate_batch = jax.vmap(evaluate_batch, in_axes=(0, None, 0))
+            if sample is not None:
+                one_sample = sample
+
+                def sample(params, batch_stats, rngs, n):
+                    return jax.vmap(lambda p, s, r: one_sample(p, s, r, n))(params, batch_stats, rngs)
+
+        train_step = xla.jit(train, donate_argnums=0, in_shardings=(layout.state, layout.train_batch, rep),
+                             out_shardings=(layout.state, rep))
+        eval_step = xla.jit(evaluate_batch, in_shardings=(layout.state, layout.eval_batch, rep), out_shardings=rep)
+        sample = xla.jit(sample, static_argnums=3, out_shardings=rep) if sample is not None else None
+        return train_step, eval_step, sample
+
+    def run(self, group: list[_Replica], target: int) -> None:
+        """Train `group` (replicas at one step) to step `target`, evaluating after every epoch and at `target`."""
+        config, data, model = group[0].config, self.data, self.model
+        steps_per_epoch, total_steps, should_stop = self.steps_per_epoch, self.total_steps, self.should_stop
+        step = group[0].step
+        if step >= target and all(r.records and r.records[-1]["step"] == step for r in group):
+            if step >= total_steps:
+                for r in group:
+                    _say(f"{r.run.path}: this run already finished at step {step} (epoch {r.records[-1]['epoch']}); "
+                         "raise --epochs or --max-steps to train on, or choose another --workdir")
+            return
+        for r in group:
+            if step:
+                _say(f"{r.run.path}: resuming from step {step}")
+                if (not r.records or r.records[0]["step"] != 0) and r.run.primary:
+                    print(f"{r.run.path}: metrics.jsonl has no rows before step "
+                          f"{r.records[0]['step'] if r.records else step}; they cannot be recovered (only the "
+                          "latest checkpoints are kept), so the table starts there", file=sys.stderr, flush=True)
+        layout = parallel.make_layout(config.devices, config.batch_size, len(group))
+        stacked, rep = layout.stacked, layout.replicated
+        train_step, eval_step, sample = self._compile(layout)
+
+        def placed_keys(name: str) -> jax.Array:
+            keys = [getattr(r, name) for r in group]
+            return layout.put(np.stack(keys) if stacked else keys[0], rep)
+
+        def of_replica(value, k: int):
+            return value[k] if stacked else value
+
+        if stacked:
+            state = xla.jit(lambda *states: jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *states),
+                            out_shardings=layout.state)(*(r.state for r in group))
+            take = xla.jit(lambda state, k: jax.tree_util.tree_map(lambda leaf: leaf[k], state), static_argnums=1,
+                           out_shardings=rep)
+        else:
+            state, take = group[0].state, (lambda state, k: state)
+        train_rng = placed_keys("train_rng")
+        prefix = (lambda r: f"{r.run.path.name}: ") if len(group) > 1 else (lambda r: "")
+
+        def evaluate_and_record():
+            eval_start = time.perf_counter()
+            missing = [not r.records or r.records[-1]["step"] != step for r in group]
+            records = [{"epoch": _epoch_label(step, steps_per_epoch), "step": step} for _ in group]
+            partial = False
+            for split_index, (split, images) in enumerate((("train", data.train), ("test", data.test))):
+                if config.eval_batches is not None:
+                    partial |= config.eval_batches < input_pipeline.num_batches(len(images), config.batch_size)
+                    images = images[:config.eval_batches * config.batch_size]
+                batches = input_pipeline.num_batches(len(images), config.batch_size)
+                keys = np.stack([_eval_keys(r.eval_rng, step, split_index, batches) for r in group], axis=1)
+                means, pictures = evaluate(eval_step, state, images, config.batch_size,
+                                           lambda i: layout.put(keys[i] if stacked else keys[i, 0], rep),
+                                           should_stop, put=lambda batch: layout.put(batch, layout.eval_batch))
+                for k, record in enumerate(records):
+                    record.update({f"{split}_{name}": float(of_replica(value, k)) for name, value in means.items()})
+            eval_seconds = round(time.perf_counter() - eval_start, 3)
+            last = step >= total_steps
+            samples = None
+            if sample is not None and draws_pictures(records[0]["epoch"], last):  # every process: a collective
+                samples = np.asarray(sample(state.params, state.batch_stats, placed_keys_at("sample_rng", step), 64))
+            for k, (r, record) in enumerate(zip(group, records)):
+                if partial:
+                    record["eval_batches"] = config.eval_batches  # partial passes: say so next to the numbers
+                epoch_start = (step - 1) // steps_per_epoch * steps_per_epoch
+                since = [w for w in r.windows if epoch_start < w["step"] <= step]
+                if since:  # the steps of this epoch so far (J's per-epoch training loss), and their speed
+                    steps = sum(w["steps"] for w in since)
+                    record["mean_step_loss"] = sum(w["train_loss"] * w["steps"] for w in since) / steps
+                    record["steps_per_s"] = steps / sum(w["seconds"] for w in since)
+                record["seconds"] = round(r.train_seconds, 3)
+                record["eval_seconds"] = eval_seconds
+                bad = [name for name, value in record.items() if not math.isfinite(value)]
+                if bad:
+                    raise DivergedError(f"{prefix(r)}non-finite evaluation metrics at step {step} ({', '.join(bad)}); "
+                                        "lower --lr or check the data")
+                if missing[k]:
+                    r.run.append_metrics(record)
+                    r.records.append(record)
+                if r.run.primary:
+                    _draw(r, record, pictures[0], of_replica(pictures[1], k),
+                          None if samples is None else of_replica(samples, k), last, step, model.table_metric)
+                if step not in r.manager.all_steps():  # already saved when metrics.jsonl lost this row
+                    _save_checkpoint(r.manager, step, take(state, k), r.run.path)
+                metric = model.table_metric
+                _say(f"{prefix(r)}epoch {record['epoch']} step {step}: train {metric} {record[f'train_{metric}']:.6g} "
+                     f"test {metric} {record[f'test_{metric}']:.6g} loss {record['train_loss']:.6g}/"
+                     f"{record['test_loss']:.6g} ({record['eval_seconds']:.1f}s eval)")
+
+        def placed_keys_at(name: str, at: int) -> jax.Array:
+            keys = [np.asarray(jax.random.fold_in(jnp.asarray(getattr(r, name)), at)) for r in group]
+            return layout.put(np.stack(keys) if stacked else keys[0], rep)
+
+        meter = StepMeter(config.batch_size)
+
+        def record_window() -> dict:
+            window = meter.read()
+            losses = np.atleast_1d(window["loss"])
+            for k, r in enumerate(group):
+                loss = float(losses[k])
+                if not math.isfinite(loss):
+                    first = step - window["steps"] + 1
+                    raise DivergedError(f"{prefix(r)}non-finite training loss at steps {first}-{step}; lower --lr or "
+                                        "check the data")
+                row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "train_loss": loss,
+                       "steps": window["steps"], "seconds": round(window["seconds"], 4),
+                       "steps_per_s": window["steps_per_s"], "images_per_s": window["images_per_s"]}
+                r.run.append_metrics(row, "train_metrics.jsonl")
+                r.windows.append(row)
+                if not r.warned and _loss_is_flat(r.windows):
+                    r.warned = True
+                    _say(f"{r.run.path}: warning: the training loss has not improved in {step} steps "
+                         f"({r.windows[0]['train_loss']:.4g} over the first {r.windows[0]['steps']}, "
+                         f"{row['train_loss']:.4g} now); the learning rate may be too high (--lr)", file=sys.stderr)
+            return {**window, "loss": float(losses[0])}
+
+        def train_batches(epoch: int, start: int):
+            streams = [input_pipeline.train_batches(data.train, config.batch_size, r.config.seed, epoch, start)
+                       for r in group]
+            return map(np.stack, zip(*streams)) if stacked else streams[0]
+
+        show_progress = sys.stderr.isatty() and parallel.is_primary()
+        if any(not r.records or r.records[-1]["step"] != step for r in group):
             evaluate_and_record()
-        while step < total_steps:
+        while step < target:
             epoch, start = divmod(step, steps_per_epoch)
-            count = min(steps_per_epoch - start, total_steps - step)
+            count = min(steps_per_epoch - start, target - step)
             batches = input_pipeline.prefetch_to_device(
-                input_pipeline.train_batches(data.train, config.batch_size, config.seed, epoch, start))
+                train_batches(epoch, start), put=lambda batch: layout.put(batch, layout.train_batch))
             bar = tqdm(total=count, desc=f"epoch {epoch + 1}", disable=not show_progress, leave=False)
             epoch_start = time.perf_counter()
             meter.restart()
@@ -571,19 +762,34 @@ def _train(run: RunDir, config: Config, model: Model, should_stop: Callable[[], 
                     step += 1
                     bar.update()
                     if step % LOG_EVERY == 0:
-                        row = record_window()
-                        bar.set_postfix(loss=f"{row['train_loss']:.5f}", images_per_s=f"{row['images_per_s']:.0f}")
+                        window = record_window()
+                        bar.set_postfix(loss=f"{window['loss']:.5f}",
+                                        images_per_s=f"{window['images_per_s']:.0f}")
             finally:
-                batches.close()  # stops the prefetch thread (an epoch cut short by --max-steps, a stop, an error)
+                batches.close()  # stops the prefetch thread (an epoch cut short, a stop, an error)
                 # Steps are dispatched asynchronously; a stop must not leave any running when the interpreter
                 # exits (XLA then tears down under them: a segfault after "interrupted", seen on MNIST).
                 _wait_for(state)
             if meter.steps:
                 record_window()  # the epoch's last, shorter window; also waits for its last step
-            train_seconds += time.perf_counter() - epoch_start
+            for r in group:
+                r.train_seconds += time.perf_counter() - epoch_start
             bar.close()
             evaluate_and_record()
-    finally:  # also on errors and Ctrl-C: a checkpoint being written is finished, never left half-written
-        manager.wait_until_finished()
-        manager.close()
-    return records
+        for k, r in enumerate(group):  # the group's states, for a later group
+            r.state = take(state, k)
+
+
+def _draw(r: _Replica, record: dict, images: np.ndarray, reconstruction: np.ndarray, samples, last: bool,
+          step: int, metric: str) -> None:
+    """A run's pictures after an evaluation: reconstructions (and samples) where `draws_pictures` says, and the
+    curves."""
+    if draws_pictures(record["epoch"], last):
+        suffix = f"{record['epoch']}" if isinstance(record["epoch"], int) else f"step{step}"
+        plots.save_reconstructions(r.run.path / f"recon_{suffix}.png", images, reconstruction,
+                                   title=f"(epoch {record['epoch']})")
+        if samples is not None:
+            plots.save_grids(r.run.path / f"samples_{suffix}.png", [plots.image_grid(samples)],
+                             [f"samples from the prior (epoch {record['epoch']})"])
+    plots.save_curves(r.run.path / "curves.png", r.records, metric, "SSE / image" if metric == "sse" else "MSE",
+                      r.windows)

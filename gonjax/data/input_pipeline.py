@@ -206,8 +206,9 @@ def eval_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
         yield images[i * batch_size:(i + 1) * batch_size]
 
 
-def prefetch_to_device(batches: Iterator[np.ndarray], depth: int = 2) -> Iterator[jax.Array]:
-    """Iterate `batches` as device arrays, a background thread staying `depth` batches ahead."""
+def prefetch_to_device(batches: Iterator[np.ndarray], depth: int = 2, put=jax.device_put) -> Iterator[jax.Array]:
+    """Iterate `batches` as device arrays (`put(batch)`: e.g. split over a mesh, `parallel.Layout.put`), a
+    background thread staying `depth` batches ahead."""
     buffer: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
     stop = threading.Event()
@@ -217,7 +218,7 @@ def prefetch_to_device(batches: Iterator[np.ndarray], depth: int = 2) -> Iterato
             for batch in batches:
                 if stop.is_set():
                     return
-                buffer.put(jax.device_put(batch))
+                buffer.put(put(batch))
         except BaseException as error:  # re-raised in the consumer
             buffer.put(error)
             return

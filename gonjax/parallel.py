@@ -1,0 +1,189 @@
+"""Devices, hosts and seeds: where a run's arrays live (README "Scaling").
+
+Every run computes on a `jax.sharding.Mesh` with two axes:
+
+  replica  the seeds trained together in one program (`--seeds`), stacked along a leading axis of the state;
+  data     the images of each batch.
+
+The train state is replicated over `data` (split over `replica` when seeds are stacked); each batch is split
+along `data`. The jitted steps are written for the *global* batch and XLA partitions them (GSPMD), so batch
+norm's statistics are those of the global batch of 64 (GON-SPEC 3) whatever the device count: the same math as
+one device, only the order of floating-point sums changes. One device is the mesh of one.
+
+Several processes (hosts) join through `jax.distributed` (`initialize`); the mesh then spans every process's
+devices, each process puts only its own shards of a global batch on its devices (`Layout.put`), and process 0
+alone writes files (`is_primary`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gonjax.errors import UsageError
+
+REPLICA, DATA = "replica", "data"
+HEARTBEAT_SECONDS = 60  # a process silent this long is declared dead by the coordinator
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The mesh of a run and how its arrays are placed on it. `stacked`: the state and each batch carry a
+    leading replica (seed) axis."""
+
+    mesh: Mesh
+    stacked: bool = False
+
+    @property
+    def devices(self) -> int:
+        return self.mesh.devices.size
+
+    def _sharding(self, *spec) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec(*spec))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        """The same value on every device (metrics, keys, one replica's state)."""
+        return self._sharding()
+
+    @property
+    def state(self) -> NamedSharding:
+        """The train state: whole on every device, or split by replica when seeds are stacked."""
+        return self._sharding(REPLICA) if self.stacked else self._sharding()
+
+    @property
+    def train_batch(self) -> NamedSharding:
+        """A training batch (B, ...) split along `data`; stacked (R, B, ...), also along `replica`."""
+        return self._sharding(REPLICA, DATA) if self.stacked else self._sharding(DATA)
+
+    @property
+    def eval_batch(self) -> NamedSharding:
+        """An evaluation batch (B, ...), the same for every replica, split along `data`."""
+        return self._sharding(DATA)
+
+    def put(self, array, sharding: NamedSharding) -> jax.Array:
+        """`array` (a host array, the same on every process) as a global array with `sharding`: each process
+        transfers only the shards its own devices hold."""
+        array = np.asarray(array)
+        if jax.process_count() == 1:
+            return jax.device_put(array, sharding)
+        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def make_layout(devices: int | None, batch_size: int, replicas: int = 1) -> Layout:
+    """The mesh for `replicas` seeds (1: one unstacked run) on `devices` devices (None: every device of every
+    process), batches of `batch_size` split along `data`.
+
+    Seeds go on the replica axis as far as the device count allows (the largest common divisor of the two whose
+    data axis still divides the batch); the remaining devices split each batch. A count the batch cannot be split
+    over is a UsageError that lists the counts that work.
+    """
+    available = jax.device_count()
+    if devices is None:
+        devices = available
+    if devices < 1:
+        raise UsageError(f"--devices must be at least 1, got {devices}")
+    if devices > available:
+        raise UsageError(f"--devices {devices}: only {available} device(s) ({jax.devices()[0].platform}) are "
+                         f"visible; use --devices {available} or fewer")
+    if jax.process_count() > 1 and devices != available:
+        raise UsageError(f"--devices {devices}: a run of {jax.process_count()} processes uses all {available} "
+                         "devices; leave --devices out")
+    replica_axis = next((r for r in reversed(_divisors(math.gcd(replicas, devices)))
+                         if batch_size % (devices // r) == 0), None)
+    if replica_axis is None:
+        working = [d for d in _divisors(batch_size) if d <= available]
+        raise UsageError(f"--batch-size {batch_size} cannot be split evenly over {devices} devices; use "
+                         f"--devices {', '.join(map(str, working))} (the counts that divide the batch)")
+    grid = np.asarray(jax.devices()[:devices]).reshape(replica_axis, devices // replica_axis)
+    return Layout(Mesh(grid, (REPLICA, DATA)), stacked=replicas > 1)
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+    """Join a run of several processes (`jax.distributed`), from the flags or, with none given, from a cluster's
+    environment that JAX detects (a SLURM job step of several tasks, JAX_COORDINATOR_ADDRESS). Nothing to do for
+    a single process. Must run before anything touches a device."""
+    flags = (coordinator, num_processes, process_id)
+    if all(flag is None for flag in flags):
+        if not _cluster_environment():
+            return
+        jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_SECONDS)
+        return
+    if any(flag is None for flag in flags):
+        raise UsageError("--coordinator, --num-processes and --process-id go together (or none of them, to let "
+                         "JAX read a cluster's environment)")
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise UsageError(f"--process-id must be from 0 to --num-processes - 1 ({num_processes - 1}), "
+                         f"got {process_id}")
+    if num_processes == 1:
+        return
+    jax.distributed.initialize(coordinator, num_processes, process_id, heartbeat_timeout_seconds=HEARTBEAT_SECONDS)
+
+
+def _cluster_environment() -> bool:
+    """Whether this process was started as one of several by a launcher JAX knows."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    return int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_STEP_ID" in os.environ
+
+
+def is_primary() -> bool:
+    """Whether this process writes the run's files (process 0; the only one of a one-process run)."""
+    return jax.process_index() == 0
+
+
+BARRIER_SECONDS = 3600  # the longest one process waits for the others at a barrier (e.g. a dataset's preparation)
+_barriers = itertools.count()
+
+
+def sync(name: str) -> None:
+    """Wait until every process of the run arrives here (a no-op for one process). A barrier of the coordination
+    service (orbax's), not a collective: XLA's CPU collectives give up after 30 s, shorter than a dataset's
+    preparation by process 0 while the others wait."""
+    if jax.process_count() > 1:
+        barrier = ocp.multihost.get_barrier_sync_fn()
+        barrier(key=f"{name} #{next(_barriers)}", timeout_ms=BARRIER_SECONDS * 1000)
+
+
+LOST_PEER_SIGNS = ("gloo", "connection closed", "connection reset", "heartbeat", "unavailable", "socket closed",
+                   "nccl", "coordination service", "deadline exceeded", "barrier")
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether `error`, raised in a run of several processes, says that another process is gone."""
+    if jax.process_count() < 2 or not isinstance(error, (RuntimeError, ValueError)):
+        return False
+    text = str(error).lower()
+    return any(sign in text for sign in LOST_PEER_SIGNS)
+
+
+def exit_lost_peer(prog: str, error: BaseException) -> None:
+    """Stop this process at once with one line: another process of the run died. (`os._exit`: a normal exit
+    would wait at JAX's shutdown barrier for the dead process and abort with a stack trace.)"""
+    first = " ".join(str(error).split())[:160]
+    print(f"{prog}: error: process {jax.process_index()} lost contact with another process of this run "
+          f"({first}); every process stops: rerun all of them to resume from the last checkpoint",
+          file=sys.stderr, flush=True)
+    exit_if_several(1)
+
+
+def exit_if_several(code: int) -> None:
+    """End a process of a multi-process run at once with `code`, after an error it has reported: a normal exit
+    would first wait (minutes) at JAX's shutdown barrier for processes that carry on. The others then stop at
+    their next collective or when the coordinator misses this process's heartbeat."""
+    if jax.process_count() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
