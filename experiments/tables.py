@@ -74,7 +74,7 @@ def run_cells(cells, results_dir: Path, max_epochs, data_flags: dict, write_repo
     from gonjax.data import input_pipeline  # TFDS only when something trains
     from gonjax.train import train_and_evaluate, train_seeds
 
-    status = results.read_status(results_dir)
+    status = results.read_status(results_dir)  # read once for "already reported"; written through update_status
     prepared, failures = set(), 0
     jobs = _jobs(cells, max_epochs)
     groups: dict = {}  # (cell's folder without the seed, target) -> [(cell, folder, where, done)], in plan order
@@ -93,11 +93,10 @@ def run_cells(cells, results_dir: Path, max_epochs, data_flags: dict, write_repo
             except DataError as error:
                 if cell.dataset not in status["datasets"]:
                     print(f"{PROG}: {cell.dataset}: no data ({error}); its cells are marked so", file=sys.stderr)
-                status["datasets"][cell.dataset] = str(error)
-                results.write_status(results_dir, status)
+                status = results.update_status(results_dir, datasets={cell.dataset: str(error)})
                 continue
             prepared.add(cell.dataset)
-            status["datasets"].pop(cell.dataset, None)
+            status = results.update_status(results_dir, datasets={cell.dataset: None})
         for _, _, where, done in group:
             print(f"{where}: training to epoch {target}/{cell.schedule_epochs} (at {done})", flush=True)
         folders = [str(folder) for _, folder, _, _ in group]
@@ -107,14 +106,11 @@ def run_cells(cells, results_dir: Path, max_epochs, data_flags: dict, write_repo
                 train_and_evaluate(config, results_dir / group[0][1], should_stop=cli.STOP.is_set)
             else:  # the seeds of one cell, stacked in one program
                 train_seeds(config, [c.seed for c, _, _, _ in group], results_dir / parent, should_stop=cli.STOP.is_set)
-            for folder in folders:
-                status["runs"].pop(folder, None)
+            status = results.update_status(results_dir, runs=dict.fromkeys(folders))
         except (DivergedError, UsageError, DataError) as error:
             print(f"{PROG}: {', '.join(folders)}: {error}", file=sys.stderr, flush=True)
-            for folder in folders:
-                status["runs"][folder] = str(error)
+            status = results.update_status(results_dir, runs=dict.fromkeys(folders, str(error)))
             failures += len(folders)
-        results.write_status(results_dir, status)
         write_report()
     return failures
 

@@ -133,7 +133,8 @@ def save_table_curves(path: Path, results: Sequence, title: str, titles: dict | 
             label = None if row.name in labelled else row.label
             labelled.add(row.name)
             if points:
-                ax.plot([p[0] for p in points], [p[2] for p in points], color=colours[row.name], lw=1, label=label)
+                ax.plot([p[0] for p in points], [p[2] for p in points], color=colours[row.name], lw=1, label=label,
+                        marker="o" if len(points) == 1 else None, ms=4)  # one point: a cell's last value only
             j = result.cell.j
             if j is not None:
                 ax.plot([result.cell.schedule_epochs], [j[1]], marker="*", ms=9, color=colours[row.name], ls="")
@@ -143,7 +144,8 @@ def save_table_curves(path: Path, results: Sequence, title: str, titles: dict | 
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"test {results[0].cell.row.metric}")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a panel whose cells are all at epoch 0 has no curve yet
+            ax.legend(fontsize=7)
     fig.suptitle(f"{title}\nstar and dotted line: J's final test value", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
@@ -156,7 +158,8 @@ def save_ablation_curves(path: Path, results: Sequence, title: str) -> None:
     for result in results:
         points = [p for p in result.curve if p[0] >= 1]
         seed = f" (seed {result.cell.seed})" if result.cell.seed else ""
-        ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.2, label=result.cell.row.label + seed)
+        ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.2, label=result.cell.row.label + seed,
+                marker="o" if len(points) == 1 else None, ms=4)
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("train loss (per pixel, GON-SPEC 4.1)")

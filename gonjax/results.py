@@ -12,6 +12,12 @@ The report (`write_report`) reads every cell's `metrics.jsonl` at the cell's epo
   results.json   the same, one object per cell and seed
   table<N>.png   per table, test metric against epoch for every cell, J's final value marked
   ablation_activation.png, ablation_sigma.png   per-epoch train loss, epochs 1-50 (the seed's ablation figures)
+  runs/          when the report goes elsewhere (`--out docs/results`): every run's metrics.jsonl and config.json
+                 (no checkpoints), so the committed report can be rebuilt even where the run folders are gone
+
+Nothing measured is dropped by a later report: each cell is read from whichever of the run folder, the archived
+copy in `runs/` and the previous `results.json` reached the furthest epoch (a cell known only from an earlier
+report is marked so, with that report's date).
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ TABLE_TITLES = {
 DATASET_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "coil20": "COIL-20"}
 DIFFERENCE_FLAG = 0.15  # COIL-20 test figures vary about this much with the split (GON-SPEC 8)
 STATUS_FILE = "suite_status.json"
+ARCHIVE = "runs"  # under the report's folder: each run's metrics.jsonl and config.json, no checkpoints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,8 +198,24 @@ def read_status(results: Path) -> dict:
     return {"datasets": status.get("datasets", {}), "runs": status.get("runs", {})}
 
 
-def write_status(results: Path, status: dict) -> None:
-    files.write_atomic(Path(results) / STATUS_FILE, json.dumps(status, indent=2, sort_keys=True) + "\n")
+def update_status(results: Path, datasets: dict | None = None, runs: dict | None = None) -> dict:
+    """Record why datasets / run folders could not run ({name: why}; None clears an entry) and return the whole
+    status. Read, changed and written under an exclusive lock, so suites running side by side on one results
+    folder (one queue per core) keep each other's entries."""
+    import fcntl
+
+    results = Path(results)
+    with open(results / f".{STATUS_FILE}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        status = read_status(results)
+        for part, changes in (("datasets", datasets), ("runs", runs)):
+            for name, why in (changes or {}).items():
+                if why is None:
+                    status[part].pop(name, None)
+                else:
+                    status[part][name] = why
+        files.write_atomic(results / STATUS_FILE, json.dumps(status, indent=2, sort_keys=True) + "\n")
+    return status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +232,7 @@ class CellResult:
     hours: float | None = None
     message: str = ""
     curve: tuple = ()  # ((epoch, train, test), ...) up to the cell's epoch
+    source: str = ""  # "" (a run folder, or its archived copy) or "report of <date>" (only an earlier report has it)
 
     def as_json(self) -> dict:
         j = self.cell.j
@@ -217,15 +241,29 @@ class CellResult:
                 "message": self.message, "metric": self.cell.row.metric, "epoch": self.epoch,
                 "target_epochs": self.target_epochs, "schedule_epochs": self.cell.schedule_epochs,
                 "train": self.train, "test": self.test, "hours": self.hours,
-                "j_train": j[0] if j else None, "j_test": j[1] if j else None}
+                "j_train": j[0] if j else None, "j_test": j[1] if j else None, "source": self.source}
+
+    @classmethod
+    def from_json(cls, cell: Cell, entry: dict, written: str) -> CellResult:
+        """A cell as an earlier report's results.json gave it (its last point only)."""
+        epoch, train, test = entry["epoch"], entry["train"], entry["test"]
+        return cls(cell, entry["run"], entry["status"], entry["target_epochs"], epoch, train, test, entry["hours"],
+                   curve=((epoch, train, test),), source=entry.get("source") or f"report of {written}")
 
 
-def cell_result(cell: Cell, results: Path, max_epochs: int | None = None, status: dict | None = None) -> CellResult:
-    """Read `cell` from its run folder under `results`."""
+def cell_result(cell: Cell, results: Path, max_epochs: int | None = None, status: dict | None = None,
+                archive: Path | None = None, earlier: dict | None = None) -> CellResult:
+    """Read `cell` from its run folder under `results`, or from the archived copy under `archive` or the earlier
+    report's entry (`earlier`, keyed by `_key`) where one of those reached a later epoch."""
     status = status or read_status(results)
     folder = run_folder(cell)
     target = cell.target_epochs(max_epochs)
-    records = epoch_records(read_records(Path(results) / folder), target)
+    records = max((epoch_records(read_records(Path(source) / folder), target)
+                   for source in (results, archive) if source is not None),
+                  key=lambda found: found[-1]["epoch"] if found else -1)
+    before = (earlier or {}).get(_key(cell))
+    if before is not None and before.epoch is not None and before.epoch > (records[-1]["epoch"] if records else -1):
+        return before
     if not records:
         if cell.dataset in status["datasets"]:
             return CellResult(cell, str(folder), "no data", target, message=status["datasets"][cell.dataset])
@@ -245,23 +283,70 @@ def cell_result(cell: Cell, results: Path, max_epochs: int | None = None, status
                       last[f"test_{metric}"], seconds / 3600, status["runs"].get(str(folder), ""), curve)
 
 
+def _key(cell: Cell) -> tuple:
+    return cell.row.table, cell.row.name, cell.dataset, cell.seed
+
+
+def read_earlier(out: Path, max_epochs: int | None) -> dict:
+    """The cells of the report already in `out` (its results.json), by `_key`, when that report was made with the
+    same --max-epochs: {} when there is none."""
+    file = Path(out) / "results.json"
+    if not file.is_file():
+        return {}
+    document = json.loads(file.read_text())
+    if document.get("max_epochs") != max_epochs:
+        return {}
+    rows = {(row.table, row.name): row for row in ROWS}
+    earlier = {}
+    for entry in document.get("cells", []):
+        row = rows.get((entry.get("table"), entry.get("row")))
+        if row is None or entry.get("dataset") not in row.j or entry.get("epoch") is None:
+            continue
+        cell = Cell(row, entry["dataset"], int(entry["seed"]))
+        earlier[_key(cell)] = CellResult.from_json(cell, entry, document.get("written", "an earlier date"))
+    return earlier
+
+
 def seeds_on_disk(results: Path, cell: Cell) -> set[int]:
     """Seeds that have a run folder for this cell's row and dataset."""
     parent = Path(results) / run_folder(cell).parent
     return {int(p.name[4:]) for p in parent.glob("seed*") if p.name[4:].isdigit()} if parent.is_dir() else set()
 
 
-def collect(cells: Sequence[Cell], results: Path, max_epochs: int | None = None) -> list[CellResult]:
-    """Every planned cell and every seed found on disk for the same row and dataset, read from `results`."""
+def collect(cells: Sequence[Cell], results: Path, max_epochs: int | None = None, archive: Path | None = None,
+            earlier: dict | None = None) -> list[CellResult]:
+    """Every planned cell and every seed known for the same row and dataset (a run folder under `results` or
+    `archive`, or an earlier report's entry), each read where it got furthest."""
     status = read_status(results)
+    earlier = earlier or {}
     wanted, seen = [], set()
     for cell in cells:
-        for seed in sorted({cell.seed} | seeds_on_disk(results, cell)):
-            key = (cell.row.table, cell.row.name, cell.dataset, seed)
-            if key not in seen:
-                seen.add(key)
-                wanted.append(Cell(cell.row, cell.dataset, seed))
-    return [cell_result(cell, results, max_epochs, status) for cell in wanted]
+        known = {cell.seed} | seeds_on_disk(results, cell) | (seeds_on_disk(archive, cell) if archive else set())
+        known |= {key[3] for key in earlier if key[:3] == _key(cell)[:3]}
+        for seed in sorted(known):
+            other = Cell(cell.row, cell.dataset, seed)
+            if _key(other) not in seen:
+                seen.add(_key(other))
+                wanted.append(other)
+    return [cell_result(cell, results, max_epochs, status, archive, earlier) for cell in wanted]
+
+
+def archive_runs(read: Sequence[CellResult], results: Path, archive: Path) -> list[Path]:
+    """Copy each read run's metrics.jsonl and config.json from `results` into `archive/<run>/`, unless the copy
+    there already reaches a later epoch (a restarted run never shortens what was archived)."""
+    copied = []
+    for run in dict.fromkeys(r.run for r in read):
+        source, target = Path(results) / run, Path(archive) / run
+        fresh = epoch_records(read_records(source), float("inf"))
+        kept = epoch_records(read_records(target), float("inf"))
+        if not fresh or (kept and kept[-1]["epoch"] > fresh[-1]["epoch"]):
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", "config.json"):
+            if (source / name).is_file():
+                files.write_atomic(target / name, (source / name).read_text())
+                copied.append(target / name)
+    return copied
 
 
 # ------------------------------------------------------------------------------------------------------ the report
@@ -315,7 +400,8 @@ def summarize(results: Sequence[CellResult]) -> list[Summary]:
             summaries.append(Summary(row, dataset, tuple(group), None, None, None, None))
             continue
         epoch = min(r.epoch for r in started)
-        at = [next(point for point in r.curve if point[0] == epoch) for r in started]
+        # a seed known only from an earlier report has its last point alone; it counts where it has this epoch
+        at = [point for r in started for point in r.curve if point[0] == epoch]
         summaries.append(Summary(row, dataset, tuple(group), epoch, _mean_sd([p[1] for p in at]),
                                  _mean_sd([p[2] for p in at]), statistics.fmean(r.hours for r in started)))
     return summaries
@@ -351,8 +437,9 @@ def format_cell(summary: Summary) -> str:
     if difference:
         lines.append(" / ".join(map(_percent, difference)))
     seeds = f", {summary.seeds} seeds" if summary.seeds > 1 else ""
+    carried = " †" if any(r.source for r in summary.results) else ""
     lines.append(f"{summary.epoch}/{schedule} ep, {_hours(summary.hours)}{seeds}"
-                 + (" (failed)" if summary.status == "failed" else ""))
+                 + (" (failed)" if summary.status == "failed" else "") + carried)
     return "<br>".join(lines)
 
 
@@ -426,6 +513,15 @@ def report_markdown(summaries: Sequence[Summary], max_epochs: int | None, comman
             lines.append(f"- {TABLE_TITLES[s.row.table].split(':')[0]}, {s.row.label}, "
                          f"{DATASET_TITLES[s.dataset]}: train {_percent(train)}, test {_percent(test)} at epoch "
                          f"{s.epoch}/{s.results[0].cell.schedule_epochs}")
+    carried = [r for s in summaries for r in s.results if r.source]
+    if carried:
+        lines += ["", "## † Cells known from an earlier report", "",
+                  "Their run folders and archived metrics are no longer there (the machine that trained them was replaced); "
+                  "the values are the ones that report read from them, at the epoch shown, and the figures have "
+                  "their last point only. Rerunning the suite retrains them, and a rerun that reaches further "
+                  "replaces them.", ""]
+        lines += list(dict.fromkeys(f"- {r.run}: {r.source}, epoch {r.epoch}/{r.cell.schedule_epochs}"
+                                    for r in carried))  # one line per run and epoch (shared runs appear once)
     problems = [r for s in summaries for r in s.results if r.message]
     if problems:
         lines += ["", "## Cells that could not run", ""]
@@ -441,7 +537,11 @@ def write_report(cells: Sequence[Cell], results: Path, out: Path | None = None, 
 
     out = Path(out or results)
     out.mkdir(parents=True, exist_ok=True)
-    read = collect(cells, results, max_epochs)
+    archive = earlier = None  # a report beside its run folders reads those alone
+    if out.resolve() != Path(results).resolve():
+        archive, earlier = out / ARCHIVE, read_earlier(out, max_epochs)
+        archive_runs(collect(cells, results, max_epochs), results, archive)
+    read = collect(cells, results, max_epochs, archive, earlier)
     summaries = summarize(read)
     files.write_atomic(out / "TABLES.md", report_markdown(summaries, max_epochs, command))
     document = {"max_epochs": max_epochs, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -187,3 +187,20 @@ def test_prefetch_reraises_producer_errors():
 
     with pytest.raises(RuntimeError, match="boom"):
         list(input_pipeline.prefetch_to_device(broken()))
+
+
+def test_side_by_side_preparation_of_one_data_dir(shared_data, tmp_path):
+    """Two processes preparing COIL-20 into one fresh data dir at once (two queues of the results suite): both
+    get the prepared dataset; without the preparation lock the second's rename into place failed."""
+    import subprocess
+
+    code = ("import sys; from gonjax.data import input_pipeline as p; "
+            "b = p.prepare_builder('coil20', sys.argv[1], sys.argv[2]); "
+            "print(len(b.as_data_source(split='train')), len(b.as_data_source(split='test')))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "tfds"), str(shared_data)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-2000:]
+        assert out.splitlines()[-1].split() == ["1152", "288"]
+    assert not list((tmp_path / "tfds" / "gon_coil20").glob("incomplete*"))

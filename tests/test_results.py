@@ -1,6 +1,7 @@
 """The results suite's plan and report (gonjax.results), against hand-written expectations of GON-SPEC 8 and 9
 and a fixture results folder of hand-written metrics.jsonl files."""
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -185,3 +186,54 @@ def test_plans_and_models_do_not_import_tfds():
             "assert 'tensorflow_datasets' not in sys.modules, 'TFDS imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_report_elsewhere_archives_runs_and_never_drops_a_measurement(fixture_results, tmp_path_factory):
+    """A report written to another folder (docs/results) archives every run's metrics; when the run folders are
+    gone (a replaced machine) the next report reads the archive, then the earlier results.json, marked so."""
+    out = tmp_path_factory.mktemp("committed")
+    (fixture_results / "table1/gon/coil20/seed0/config.json").write_text('{"model": "gon"}\n')
+    cells = results.plan(["table1"], ["coil20"], ["gon", "ae"])
+    results.write_report(cells, fixture_results, out)
+    archived = out / results.ARCHIVE / "table1/gon/coil20/seed0"
+    assert (archived / "config.json").read_text() == '{"model": "gon"}\n'
+    assert (archived / "metrics.jsonl").read_text() == (fixture_results / "table1/gon/coil20/seed0/metrics.jsonl"
+                                                       ).read_text()
+    assert not list((out / results.ARCHIVE).rglob("checkpoints"))
+
+    # The machine is replaced: no run folders; seed 2's archive is lost too; the AE cell restarts at epoch 5.
+    shutil.rmtree(out / results.ARCHIVE / "table1/gon/coil20/seed2")
+    fresh = tmp_path_factory.mktemp("fresh")
+    _write_run(fresh, "table1/ae/coil20/seed0", [(0, 0, 60.0, 61.0, 0.06, 0.06, 0.0, 1.0),
+                                                (5, 90, 9.0, 9.5, 0.009, 0.009, 20.0, 1.0)])
+    written = json.loads((out / "results.json").read_text())["written"]
+    for _ in range(2):  # a second report still carries seed 2 with the date of the report that measured it
+        read = _by_cell(results.write_report(cells, fresh, out))
+        assert [(read["gon", "coil20", s].train, read["gon", "coil20", s].source) for s in range(3)] == \
+            [(1.3, ""), (1.4, ""), (1.5, f"report of {written}")]
+        assert len(read["gon", "coil20", 0].curve) == 3 and read["gon", "coil20", 2].curve == ((500, 1.5, 2.6),)
+        ae = read["ae", "coil20", 0]
+        assert (ae.epoch, ae.train, ae.source) == (212, 2.0, "")  # the archive reaches further than the restart
+        assert json.loads((out / results.ARCHIVE / "table1/ae/coil20/seed0/metrics.jsonl").read_text()
+                          .splitlines()[1])["epoch"] == 212  # and is not shortened by it
+    table = (out / "TABLES.md").read_text()
+    assert "**1.4 ± 0.1 / 2.6 ± 0.1**" in table and "500/500 ep, 1.0 h, 3 seeds †" in table
+    assert f"- table1/gon/coil20/seed2: report of {written}, epoch 500/500" in table
+
+    # A retrained seed 2 that reaches the same epoch replaces the carried value and is archived.
+    _write_run(fresh, "table1/gon/coil20/seed2", [(0, 0, 60.0, 61.0, 0.06, 0.06, 0.0, 10.0),
+                                                 (500, 9000, 1.6, 2.9, 0.001, 0.002, 3000.0, 10.0)])
+    read = _by_cell(results.write_report(cells, fresh, out))
+    assert (read["gon", "coil20", 2].train, read["gon", "coil20", 2].source) == (1.6, "")
+    assert (out / results.ARCHIVE / "table1/gon/coil20/seed2/metrics.jsonl").is_file()
+    assert "†" not in (out / "TABLES.md").read_text()
+
+
+def test_status_updates_merge_what_other_suites_wrote(tmp_path):
+    """Two queues of the suite on one results folder: each update changes only its own entries."""
+    results.update_status(tmp_path, datasets={"cifar10": "no official cifar10 files"})
+    results.update_status(tmp_path, runs={"table1/gon/mnist/seed0": "diverged"})
+    assert results.read_status(tmp_path) == {"datasets": {"cifar10": "no official cifar10 files"},
+                                             "runs": {"table1/gon/mnist/seed0": "diverged"}}
+    results.update_status(tmp_path, datasets={"cifar10": None})
+    assert results.read_status(tmp_path) == {"datasets": {}, "runs": {"table1/gon/mnist/seed0": "diverged"}}

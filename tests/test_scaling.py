@@ -155,13 +155,15 @@ def _processes(tmp_path, shared_data, tfds_dir, workdir, epochs, port):
 
 
 def test_two_processes_on_localhost_equal_one_process(shared_data, tfds_dir, tmp_path):
-    """Two processes (one CPU device each, jax.distributed over localhost) train one run; only process 0 writes;
-    the metrics equal a one-process run's."""
-    procs = _processes(tmp_path, shared_data, tfds_dir, tmp_path / "two", 2, _free_port())
-    outputs = [p.communicate(timeout=400) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
-    assert "epoch 2 step 36" in outputs[0][0] and "epoch" not in outputs[1][0]  # process 0 alone reports
+    """Two processes (one CPU device each, jax.distributed over localhost) train one run, stop after an epoch and
+    resume from their multi-host checkpoint; only process 0 writes; the metrics equal a one-process run's."""
+    for epochs in (1, 2):
+        procs = _processes(tmp_path, shared_data, tfds_dir, tmp_path / "two", epochs, _free_port())
+        outputs = [p.communicate(timeout=400) for p in procs]
+        for p, (out, err) in zip(procs, outputs):
+            assert p.returncode == 0, err[-3000:]
+        assert f"epoch {epochs} step {18 * epochs}" in outputs[0][0] and "epoch" not in outputs[1][0]  # process 0
+    assert "resuming from step 18" in outputs[0][0]
     one = subprocess.run([sys.executable, "-m", "experiments.gon", "--dataset", "coil20", "--manual-dir",
                           str(shared_data), "--data-dir", str(tfds_dir), "--ngf", "4", "--nz", "8", "--epochs", "2",
                           "--workdir", str(tmp_path / "one")], cwd=REPO, env=_env(None), capture_output=True,

@@ -14,7 +14,9 @@ Resizing (documented choices):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 import queue
 import socket
@@ -71,6 +73,30 @@ def prepare_builder(name: str, data_dir=None, manual_dir=None) -> tfds.core.Data
     manual = find_manual_dir(name, manual_dir) if manual_dir is not None else None
     if manual is None:
         _check_reachable(name)
+    with _preparation_lock(builder):  # another process preparing the same builder: wait for it, then reuse
+        builder = BUILDERS[name](data_dir=data_dir, file_format="array_record")
+        if builder.is_prepared():
+            return builder
+        return _download_and_prepare(name, builder, manual)
+
+
+@contextlib.contextmanager
+def _preparation_lock(builder: tfds.core.DatasetBuilder):
+    """An exclusive flock on `<data dir>/<builder>.prepare.lock` while the builder is prepared, so that runs
+    started side by side on a fresh data dir prepare it once (TFDS's own rename into place fails for the
+    second), released by the OS if the holder dies."""
+    root = Path(builder.data_dir).parent.parent  # <data dir>/<builder>/<version>
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{builder.name}.prepare.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _download_and_prepare(name: str, builder: tfds.core.DatasetBuilder, manual: Path | None):
+    """Prepare `builder` from the official files (downloaded, or read from `manual`); each failure one line."""
     config = tfds.download.DownloadConfig(manual_dir=None if manual is None else str(manual))
     try:
         builder.download_and_prepare(download_config=config)
