@@ -285,32 +285,68 @@ def _layer(layer: nn.Module, tensor) -> tuple[dict, dict]:
     raise TypeError(f"no flax layout for {type(layer).__name__}")
 
 
-def _tree(module: nn.Module, tensor) -> tuple[dict, dict]:
-    params, stats = {}, {}
-
-    def put(name, child):
-        p, s = _tree(child, tensor) if not isinstance(child, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear,
-                                                                 nn.BatchNorm2d)) else _layer(child, tensor)
-        params[name] = p
-        if s:
-            stats[name] = s
-
+def _named_layers(module: nn.Module):
+    """(gonjax path, PyTorch layer) of every layer with weights, in gonjax's nesting."""
     if isinstance(module, Siren):
         for i, layer in enumerate(module.hidden_layers):
-            params[f"hidden{i + 1}"] = _layer(layer, tensor)[0]
-        params["out"] = _layer(module.out, tensor)[0]
-        return params, stats
+            yield (f"hidden{i + 1}",), layer
+        yield ("out",), module.out
+        return
     if isinstance(module, (ConvDecoder, ConvEncoder)):
         names = DECODER_LAYERS if isinstance(module, ConvDecoder) else ENCODER_LAYERS
         for index, name in names.items():
-            put(name, module.net[index])
-        return params, stats
+            yield (name,), module.net[index]
+        return
     if hasattr(module, "encoder"):
-        put("encoder", module.encoder)
+        for path, layer in _named_layers(module.encoder):
+            yield ("encoder", *path), layer
     if hasattr(module, "fc_mu"):
-        params["heads"] = {"mu": _layer(module.fc_mu, tensor)[0], "logvar": _layer(module.fc_logvar, tensor)[0]}
-    put("decoder", module.decoder)
+        yield ("heads", "mu"), module.fc_mu
+        yield ("heads", "logvar"), module.fc_logvar
+    for path, layer in _named_layers(module.decoder):
+        yield ("decoder", *path), layer
+
+
+def _nest(tree: dict, path: tuple[str, ...]) -> dict:
+    for name in path:
+        tree = tree.setdefault(name, {})
+    return tree
+
+
+def _tree(module: nn.Module, tensor) -> tuple[dict, dict]:
+    params, stats = {}, {}
+    for path, layer in _named_layers(module):
+        p, s = _layer(layer, tensor)
+        _nest(params, path).update(p)
+        if s:
+            _nest(stats, path).update(s)
     return params, stats
+
+
+def load_flax_variables(module: nn.Module, variables: dict) -> nn.Module:
+    """Copy gonjax's {'params', 'batch_stats'} into this PyTorch module (the inverse of `flax_variables`)."""
+    def at(tree, path):
+        for name in path:
+            tree = tree[name]
+        return {k: np.asarray(v) for k, v in tree.items()}
+
+    with torch.no_grad():
+        for path, layer in _named_layers(module):
+            p = at(variables["params"], path)
+            if isinstance(layer, nn.ConvTranspose2d):  # undo deconv_kernel_to_flax: unflip, (kh, kw, Cin, Cout) -> (Cin, Cout, kh, kw)
+                weight = p["kernel"][::-1, ::-1].transpose(2, 3, 0, 1)
+            elif isinstance(layer, nn.Conv2d):
+                weight = p["kernel"].transpose(3, 2, 0, 1)
+            elif isinstance(layer, nn.Linear):
+                weight = p["kernel"].T
+            else:  # BatchNorm2d
+                weight = p["scale"]
+                s = at(variables["batch_stats"], path)
+                layer.running_mean.copy_(torch.from_numpy(np.ascontiguousarray(s["mean"])))
+                layer.running_var.copy_(torch.from_numpy(np.ascontiguousarray(s["var"])))
+            layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)).to(layer.weight.dtype))
+            layer.bias.copy_(torch.from_numpy(np.ascontiguousarray(p["bias"])).to(layer.bias.dtype))
+    return module
 
 
 def flax_variables(module: nn.Module) -> dict:

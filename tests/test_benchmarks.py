@@ -52,3 +52,44 @@ def test_step_time_never_overwrites_results(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         step_time.main(["--json", str(out)])
     assert exit_info.value.code == 2 and out.read_text() == "earlier results"
+
+
+def test_epoch_benchmark_sides_process_the_same_images_and_compute_the_same_epoch(shared_data, tfds_dir, tmp_path):
+    """The epoch benchmark's honesty: on a small fixed model (COIL-20, ngf 4, nz 8, one epoch) both sides train on
+    and evaluate as many images; started from gonjax's initial weights on gonjax's order, the PyTorch epoch
+    reaches gonjax's evaluation metrics before and after training within float32 tolerance."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks import epoch_time
+    from benchmarks import torch_reference as tr
+    from gonjax import train
+    from gonjax.data import input_pipeline
+    from gonjax.zoo import build_model
+
+    config = epoch_time.make_config("gon", "coil20", epochs=1, ngf=4, nz=8, data_dir=str(tfds_dir),
+                                    manual_dir=str(shared_data))
+    ours = epoch_time.measure_gonjax(config, tmp_path / "run", None, None)
+    data = input_pipeline.load_dataset("coil20", 32, str(tfds_dir), str(shared_data))
+    theirs = epoch_time.measure_torch("gon", config, data, None, None)
+    assert ours.train_images == theirs.train_images == 18 * 64  # 1152 training images, none dropped
+    assert ours.eval_images == theirs.eval_images == (18 + 4) * 64  # 1152 + 288 evaluated, the last 32 dropped
+    assert ours.train_s > 0 and ours.eval_s > 0 and theirs.train_s > 0 and theirs.eval_s > 0
+
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    model = build_model(config, 1)
+    init_rng = jax.random.split(jax.random.PRNGKey(config.seed), 4)[0]  # the trainer's init key (gonjax.train)
+    state = train.create_train_state(model, train.make_optimizer(config, 18), init_rng, jnp.zeros((64, 32, 32, 1)))
+    module = tr.load_flax_variables(epoch_time.torch_module("gon", config, 1),
+                                    {"params": state.params, "batch_stats": state.batch_stats})
+    for split, images in (("train", data.train), ("test", data.test)):
+        before, _, _ = epoch_time.torch_evaluate("gon", module, images, config)
+        np.testing.assert_allclose(before, records[0][f"{split}_sse"], rtol=1e-4)
+    optimizer = tr.make_adam(module, config.lr)
+    epoch_time.torch_epoch("gon", module, optimizer, data.train, config,
+                           order=input_pipeline.epoch_order(len(data.train), config.seed, 0))
+    for split, images in (("train", data.train), ("test", data.test)):
+        after, _, _ = epoch_time.torch_evaluate("gon", module, images, config)
+        assert after < 0.97 * records[0][f"{split}_sse"]  # it trained (147.6 -> 141.3 measured)
+        np.testing.assert_allclose(after, records[1][f"{split}_sse"], rtol=5e-4)  # measured 1.5e-4
