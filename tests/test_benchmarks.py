@@ -93,3 +93,22 @@ def test_epoch_benchmark_sides_process_the_same_images_and_compute_the_same_epoc
         after, _, _ = epoch_time.torch_evaluate("gon", module, images, config)
         assert after < 0.97 * records[0][f"{split}_sse"]  # it trained (147.6 -> 141.3 measured)
         np.testing.assert_allclose(after, records[1][f"{split}_sse"], rtol=5e-4)  # measured 1.5e-4
+
+
+@pytest.mark.parametrize("name", ["gon", "vgon", "ae", "vae", "implicit_gon"])
+def test_loading_gonjax_weights_into_the_pytorch_reference_inverts_the_port(name):
+    """load_flax_variables(m2, flax_variables(m1)) makes m2 equal m1 in every weight and BN statistic."""
+    import torch
+
+    from benchmarks import epoch_time
+    from benchmarks import torch_reference as tr
+
+    config = epoch_time.make_config(name, "coil20" if name != "implicit_gon" else "mnist", ngf=4, nz=8)
+    torch.manual_seed(0)
+    source = epoch_time.torch_module(name, config, 1)
+    for buffer in source.buffers():  # BN running statistics off their init, so that they are checked too
+        if buffer.dtype.is_floating_point:
+            buffer.uniform_(0.5, 1.5)
+    target = tr.load_flax_variables(epoch_time.torch_module(name, config, 1), tr.flax_variables(source))
+    pairs = list(zip(source.state_dict().items(), target.state_dict().items()))
+    assert pairs and all(a == b and torch.equal(x, y) for (a, x), (b, y) in pairs)
