@@ -70,6 +70,12 @@ def make_config(model: str, dataset: str, epochs: int = 2, **overrides) -> Confi
     return Config(dataset=dataset, epochs=epochs, **MODELS[model], **overrides).validate()
 
 
+def epoch_batches(data, batch_size: int) -> tuple[int, int]:
+    """(training steps, evaluation batches over both splits) of one epoch, last partial batches dropped."""
+    return (input_pipeline.num_batches(len(data.train), batch_size),
+            sum(input_pipeline.num_batches(len(split), batch_size) for split in (data.train, data.test)))
+
+
 def torch_module(name: str, config: Config, nc: int) -> torch.nn.Module:
     return step_time.BENCHMARKS[name].torch_model(config, nc)
 
@@ -126,8 +132,7 @@ def measure_torch(name: str, config: Config, data, steps: int | None, eval_batch
         tr.load_flax_variables(module, variables)
     optimizer = tr.make_adam(module, config.lr)
     generator = torch.Generator().manual_seed(config.seed)
-    steps_per_epoch = input_pipeline.num_batches(len(data.train), config.batch_size)
-    eval_total = sum(input_pipeline.num_batches(len(s), config.batch_size) for s in (data.train, data.test))
+    steps_per_epoch, eval_total = epoch_batches(data, config.batch_size)
     first = None
     for _ in range(1 if steps is not None else config.epochs):
         times, train_seen, _ = torch_epoch(name, module, optimizer, data.train, config, steps, generator=generator)
@@ -150,8 +155,7 @@ def measure_gonjax(config: Config, workdir: Path, steps: int | None, eval_batche
     run = dataclasses.replace(config, epochs=1 if steps is not None else config.epochs, max_steps=steps,
                               eval_batches=eval_batches)
     records = train.train_and_evaluate(run, workdir)
-    steps_per_epoch = input_pipeline.num_batches(len(data.train), config.batch_size)
-    eval_total = sum(input_pipeline.num_batches(len(s), config.batch_size) for s in (data.train, data.test))
+    steps_per_epoch, eval_total = epoch_batches(data, config.batch_size)
     last, before = records[-1], records[-2]
     first = records[1]["seconds"]
     if steps is not None:  # the trainer's 50-step windows after the first (which holds the compilation)
@@ -184,9 +188,8 @@ def run(name: str, config: Config, steps: int | None, eval_batches: int | None, 
         parts[part] = {"gonjax": a, "torch": b, "ratio": b / a if a and b else None,
                        "gonjax_runs": [getattr(s, part) for s in ours], "torch_runs": [getattr(s, part) for s in theirs]}
     epoch = {side: parts["train_s"][side] + parts["eval_s"][side] for side in ("gonjax", "torch")}
-    steps_per_epoch = input_pipeline.num_batches(len(data.train), config.batch_size)
-    eval_images = sum(input_pipeline.num_batches(len(s), config.batch_size) for s in (data.train, data.test)) \
-        * config.batch_size
+    steps_per_epoch, eval_batches_per_epoch = epoch_batches(data, config.batch_size)
+    eval_images = eval_batches_per_epoch * config.batch_size
     return {"model": name, "dataset": config.dataset, "device": f"{jax.devices()[0].platform}",
             "epochs_run": config.epochs if steps is None else 1, "steps": steps, "eval_batches": eval_batches,
             "estimated": ours[0].estimated, "train_images_per_epoch": steps_per_epoch * config.batch_size,
