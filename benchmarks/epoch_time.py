@@ -16,7 +16,7 @@ starts both from gonjax's and checks that they compute the same epoch.)
 
 Parts: "train" is an epoch's training steps, "eval" both evaluation passes, "data" reading and preprocessing
 the splits (TFDS for gonjax, done once per run; the DataLoader's batching is inside PyTorch's train and eval
-parts, as it is inside gonjax's prefetch). `--steps N` / `--eval-batches B` time N training steps (median of the
+parts, as it is inside gonjax's prefetch; it reads gonjax's arrays). `--steps N` / `--eval-batches B` time N training steps (median of the
 trainer's 50-step windows after the first; PyTorch's median step) and B batches of each pass, and scale them to
 a whole epoch; "first epoch's train" is then those N steps.
 """
@@ -53,7 +53,6 @@ class Side:
 
     train_s: float
     eval_s: float
-    data_s: float
     first_epoch_s: float  # the first epoch's training, compilation (gonjax) or warm-up (PyTorch) included
     train_images: int
     eval_images: int
@@ -93,7 +92,7 @@ def torch_evaluate(name: str, module, images: np.ndarray, config: Config, max_ba
     """The trainer's evaluation in PyTorch: per batch of 64 (stored order), reconstruct and take the table's
     metric per image; the mean over batches, the seconds taken and the images seen."""
     bench = step_time.BENCHMARKS[name]
-    per_pixel = config.model == "implicit_gon"
+    per_pixel = table_metric(config) == "mse"
     start, values, seen = time.perf_counter(), [], 0
     for i, (x,) in enumerate(_loader(images, config.batch_size, shuffle=False)):
         if max_batches is not None and i >= max_batches:
@@ -143,15 +142,27 @@ def measure_torch(name: str, config: Config, data, steps: int | None, eval_batch
     estimated = steps is not None or eval_batches is not None
     train_s = statistics.median(times) * steps_per_epoch if steps is not None else sum(times)
     eval_s = (train_eval_s + test_eval_s) * (eval_total * config.batch_size / eval_seen)
-    return Side(train_s, eval_s, 0.0, first, train_seen, eval_seen, train_metric, test_metric, estimated)
+    return Side(train_s, eval_s, first, train_seen, eval_seen, train_metric, test_metric, estimated)
 
 
-def measure_gonjax(config: Config, workdir: Path, steps: int | None, eval_batches: int | None) -> Side:
-    """gonjax's trainer for config.epochs epochs (or `steps` steps) in `workdir`, read from its own records."""
+def table_metric(config: Config) -> str:
+    """The metric the spec's table reports for this model: "sse" per image, or "mse" per pixel."""
+    return build_model(config, 1).table_metric
+
+
+def load_timed(config: Config):
+    """The preprocessed splits the trainer reads, and the seconds reading and preprocessing them take (the
+    dataset is prepared first, untimed)."""
+    input_pipeline.prepare_builder(config.dataset, config.data_dir, config.manual_dir)
     start = time.perf_counter()
     data = input_pipeline.load_dataset(config.dataset, build_model(config, 1).image_size,
                                        config.data_dir, config.manual_dir)
-    data_s = time.perf_counter() - start
+    return data, time.perf_counter() - start
+
+
+def measure_gonjax(config: Config, workdir: Path, data, steps: int | None, eval_batches: int | None) -> Side:
+    """gonjax's trainer for config.epochs epochs (or `steps` steps) in `workdir`, read from its own records
+    (`data`: the same splits, for the epoch's batch counts)."""
     run = dataclasses.replace(config, epochs=1 if steps is not None else config.epochs, max_steps=steps,
                               eval_batches=eval_batches)
     records = train.train_and_evaluate(run, workdir)
@@ -167,25 +178,24 @@ def measure_gonjax(config: Config, workdir: Path, steps: int | None, eval_batche
     batches = eval_total if eval_batches is None else sum(
         min(eval_batches, input_pipeline.num_batches(len(s), config.batch_size)) for s in (data.train, data.test))
     eval_s = last["eval_seconds"] * eval_total / batches
-    metric = "mse" if config.model == "implicit_gon" else "sse"
-    return Side(train_s, eval_s, data_s, first, train_seen, batches * config.batch_size, last[f"train_{metric}"],
+    metric = table_metric(config)
+    return Side(train_s, eval_s, first, train_seen, batches * config.batch_size, last[f"train_{metric}"],
                 last[f"test_{metric}"], steps is not None or eval_batches is not None)
 
 
 def run(name: str, config: Config, steps: int | None, eval_batches: int | None, repeats: int = 1) -> dict:
     """Both sides `repeats` times, alternating; medians and each repeat's figures."""
-    data = input_pipeline.load_dataset(config.dataset, build_model(config, 1).image_size,
-                                       config.data_dir, config.manual_dir)
+    data, data_s = load_timed(config)
     ours, theirs = [], []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(prefix="gonjax-epoch-") as folder:
-            ours.append(measure_gonjax(config, Path(folder) / "run", steps, eval_batches))
+            ours.append(measure_gonjax(config, Path(folder) / "run", data, steps, eval_batches))
         theirs.append(measure_torch(name, config, data, steps, eval_batches))
     parts = {}
-    for part in ("train_s", "eval_s", "data_s", "first_epoch_s"):
+    for part in ("train_s", "eval_s", "first_epoch_s"):
         a = statistics.median(getattr(s, part) for s in ours)
         b = statistics.median(getattr(s, part) for s in theirs)
-        parts[part] = {"gonjax": a, "torch": b, "ratio": b / a if a and b else None,
+        parts[part] = {"gonjax": a, "torch": b, "ratio": b / a,
                        "gonjax_runs": [getattr(s, part) for s in ours], "torch_runs": [getattr(s, part) for s in theirs]}
     epoch = {side: parts["train_s"][side] + parts["eval_s"][side] for side in ("gonjax", "torch")}
     steps_per_epoch, eval_batches_per_epoch = epoch_batches(data, config.batch_size)
@@ -193,7 +203,7 @@ def run(name: str, config: Config, steps: int | None, eval_batches: int | None, 
     return {"model": name, "dataset": config.dataset, "device": f"{jax.devices()[0].platform}",
             "epochs_run": config.epochs if steps is None else 1, "steps": steps, "eval_batches": eval_batches,
             "estimated": ours[0].estimated, "train_images_per_epoch": steps_per_epoch * config.batch_size,
-            "eval_images_per_epoch": eval_images, "parts": parts,
+            "eval_images_per_epoch": eval_images, "parts": parts, "data_s": data_s,
             "epoch_s": epoch, "epoch_ratio": epoch["torch"] / epoch["gonjax"],
             "gonjax": [s.as_json() for s in ours], "torch": [s.as_json() for s in theirs]}
 
@@ -229,21 +239,20 @@ def main(argv=None) -> int:
           f"{result['eval_images_per_epoch']} evaluated{how}")
     print(f"{'part':<22}{'gonjax s':>10}{'torch s':>10}{'gonjax img/s':>14}{'torch img/s':>13}{'ratio':>8}")
     images = {"train_s": result["train_images_per_epoch"], "eval_s": result["eval_images_per_epoch"]}
-    for part, label in (("train_s", "train (epoch)"), ("eval_s", "eval (both passes)"), ("data_s", "data (per run)"),
+    for part, label in (("train_s", "train (epoch)"), ("eval_s", "eval (both passes)"),
                         ("first_epoch_s", "first epoch's train")):
         p = result["parts"][part]
         ips = (f"{images[part] / p['gonjax']:>14.0f}{images[part] / p['torch']:>13.0f}" if part in images
                else f"{'':>14}{'':>13}")
-        ratio = f"{p['ratio']:>8.2f}" if p["ratio"] else f"{'-':>8}"
-        print(f"{label:<22}{p['gonjax']:>10.2f}{p['torch']:>10.2f}{ips}{ratio}")
+        print(f"{label:<22}{p['gonjax']:>10.2f}{p['torch']:>10.2f}{ips}{p['ratio']:>8.2f}")
+    print(f"{'data (per run)':<22}{result['data_s']:>10.2f}{'(same arrays)':>14}")
     e = result["epoch_s"]
     print(f"{'epoch (train + eval)':<22}{e['gonjax']:>10.2f}{e['torch']:>10.2f}{'':>27}{result['epoch_ratio']:>8.2f}")
     if args.repeats > 1:
         print("runs (train s, gonjax / torch): " + ", ".join(
             f"{a:.1f}/{b:.1f}" for a, b in zip(result["parts"]["train_s"]["gonjax_runs"],
                                                result["parts"]["train_s"]["torch_runs"])))
-    print(f"{env['processor']}, {env['cpu_count']} cores; jax {env['versions']['jax']} torch "
-          f"{env['versions']['torch']}, threads {env['threads']}")
+    print(step_time.environment_summary(env))
     if args.json is not None:
         args.json.write_text(json.dumps({"environment": env, "result": result}, indent=2) + "\n")
     return 0

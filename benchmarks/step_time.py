@@ -329,6 +329,12 @@ def environment() -> dict:
     }
 
 
+def environment_summary(env: dict) -> str:
+    """One line of `environment()` for a benchmark's table: processor, cores, versions, threads."""
+    return (f"{env['processor']}, {env['cpu_count']} cores; jax {env['versions']['jax']} torch "
+            f"{env['versions']['torch']}, threads {env['threads']}")
+
+
 def _shape(text: str) -> tuple[int, int, int]:
     try:
         h, w, c = (int(x) for x in text.lower().split("x"))
@@ -394,9 +400,7 @@ def main(argv=None) -> int:
               "speedup those contractions allow")
     print("gon_n3 (3 latent updates) and implicit_mod (modulated SIREN) run gon-pytorch's GON on the PyTorch "
           "side, with its BCE losses on both")
-    print(f"{env['processor']}, {env['cpu_count']} cores; jax {env['versions']['jax']} torch "
-          f"{env['versions']['torch']}, threads {env['threads']}, float32 matmul precision "
-          f"{env['float32_matmul_precision']}")
+    print(f"{environment_summary(env)}, float32 matmul precision {env['float32_matmul_precision']}")
     if args.json is not None:
         args.json.write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
     return 0

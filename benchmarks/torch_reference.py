@@ -328,7 +328,7 @@ def load_flax_variables(module: nn.Module, variables: dict) -> nn.Module:
     def at(tree, path):
         for name in path:
             tree = tree[name]
-        return {k: np.asarray(v) for k, v in tree.items()}
+        return {k: np.array(v) for k, v in tree.items()}  # writable copies (jax arrays read as read-only)
 
     with torch.no_grad():
         for path, layer in _named_layers(module):

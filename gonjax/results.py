@@ -22,6 +22,7 @@ report is marked so, with that report's date).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import shutil
 import statistics
@@ -202,8 +203,6 @@ def update_status(results: Path, datasets: dict | None = None, runs: dict | None
     """Record why datasets / run folders could not run ({name: why}; None clears an entry) and return the whole
     status. Read, changed and written under an exclusive lock, so suites running side by side on one results
     folder (one queue per core) keep each other's entries."""
-    import fcntl
-
     results = Path(results)
     with open(results / f".{STATUS_FILE}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -540,8 +539,9 @@ def write_report(cells: Sequence[Cell], results: Path, out: Path | None = None, 
     archive = earlier = None  # a report beside its run folders reads those alone
     if out.resolve() != Path(results).resolve():
         archive, earlier = out / ARCHIVE, read_earlier(out, max_epochs)
-        archive_runs(collect(cells, results, max_epochs), results, archive)
-    read = collect(cells, results, max_epochs, archive, earlier)
+    read = collect(cells, results, max_epochs, archive, earlier)  # each cell from where it got furthest
+    if archive is not None:
+        archive_runs(read, results, archive)
     summaries = summarize(read)
     files.write_atomic(out / "TABLES.md", report_markdown(summaries, max_epochs, command))
     document = {"max_epochs": max_epochs, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -70,8 +70,8 @@ def test_epoch_benchmark_sides_process_the_same_images_and_compute_the_same_epoc
 
     config = epoch_time.make_config("gon", "coil20", epochs=1, ngf=4, nz=8, data_dir=str(tfds_dir),
                                     manual_dir=str(shared_data))
-    ours = epoch_time.measure_gonjax(config, tmp_path / "run", None, None)
-    data = input_pipeline.load_dataset("coil20", 32, str(tfds_dir), str(shared_data))
+    data, _ = epoch_time.load_timed(config)
+    ours = epoch_time.measure_gonjax(config, tmp_path / "run", data, None, None)
     theirs = epoch_time.measure_torch("gon", config, data, None, None)
     assert ours.train_images == theirs.train_images == 18 * 64  # 1152 training images, none dropped
     assert ours.eval_images == theirs.eval_images == (18 + 4) * 64  # 1152 + 288 evaluated, the last 32 dropped
