@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -228,7 +227,7 @@ def main(argv=None) -> int:
         parser.error("--epochs must be at least 2: the first epoch pays for compilation")
     if args.steps is not None and args.steps < 100:
         parser.error("--steps must be at least 100: the trainer times steps in windows of 50, the first compiles")
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(step_time.usable_cpus())
     sizes = {k: v for k, v in (("ngf", args.ngf), ("nz", args.nz)) if v is not None}
     config = make_config(args.model, args.dataset, args.epochs, manual_dir=args.manual_dir, data_dir=args.data_dir,
                          **sizes)

@@ -316,14 +316,20 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity: `taskset` narrows it), which is what JAX's CPU client
+    sizes its thread pool by; os.cpu_count() counts the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def environment() -> dict:
     return {
         "python": platform.python_version(), "machine": platform.machine(), "processor": _cpu_model(),
-        "cpu_count": os.cpu_count(),
+        "cpu_count": os.cpu_count(), "usable_cpus": usable_cpus(),
         "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
                      "optax": optax.__version__,
                      "torch": torch.__version__, "numpy": np.__version__},
-        "threads": {"jax_cpu": os.cpu_count(), "torch": torch.get_num_threads()},
+        "threads": {"jax_cpu": usable_cpus(), "torch": torch.get_num_threads()},
         "float32_matmul_precision": {"jax": str(jax.config.jax_default_matmul_precision or "default"),
                                      "torch": torch.get_float32_matmul_precision()},
     }
@@ -331,7 +337,7 @@ def environment() -> dict:
 
 def environment_summary(env: dict) -> str:
     """One line of `environment()` for a benchmark's table: processor, cores, versions, threads."""
-    return (f"{env['processor']}, {env['cpu_count']} cores; jax {env['versions']['jax']} torch "
+    return (f"{env['processor']}, {env['usable_cpus']} of {env['cpu_count']} cores; jax {env['versions']['jax']} torch "
             f"{env['versions']['torch']}, threads {env['threads']}")
 
 
@@ -345,9 +351,22 @@ def _shape(text: str) -> tuple[int, int, int]:
     return h, w, c
 
 
+def _model_names(text: str) -> list[str]:
+    """--model: "all" (every row, in table order) or comma-separated rows."""
+    if text == "all":
+        return list(BENCHMARKS)
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown row {', '.join(unknown) or repr(text)}; choose from "
+                                         f"{', '.join(BENCHMARKS)} or all")
+    return names
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.step_time", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=[*BENCHMARKS, "all"], default="gon")
+    parser.add_argument("--model", type=_model_names, default=["gon"],
+                        help=f"a row, comma-separated rows or all ({', '.join(BENCHMARKS)})")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--ngf", type=int, default=16)
     parser.add_argument("--nz", type=int, default=256)
@@ -374,10 +393,9 @@ def main(argv=None) -> int:
         parser.error("--steps and --batch-size must be at least 2, --block at least 1")
     if args.json is not None and args.json.exists():
         parser.error(f"--json {args.json} exists; choose a new file (results are never overwritten)")
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(usable_cpus())
 
-    names = list(BENCHMARKS) if args.model == "all" else [args.model]
-    rows = [run_benchmark(name, args) for name in names]
+    rows = [run_benchmark(name, args) for name in args.model]
     env = environment()
     print(f"{'model':<18}{'device':<18}{'jax ms':>10}{'(p25-p75)':>16}{'torch ms':>10}{'(p25-p75)':>16}"
           f"{'speedup':>9}{'compile s':>11}{'eval img/s jax':>16}{'torch':>9}{'ratio':>7}")

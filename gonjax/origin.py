@@ -63,6 +63,18 @@ def pass_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
     return rng_inner, rng_outer
 
 
+class Pointwise(NamedTuple):
+    """A decoder that is a function of a point and the latent, each output its own point's (a coordinate network,
+    GON-SPEC 2.4), with no statistics over the batch.
+
+    decode_at(params, state, z, points) -> outputs (len(z), len(points), ...) of latents z at the points;
+    points(dtype) -> the points (P, ...) at which `OriginShortcut.decode` decodes.
+    """
+
+    decode_at: Callable
+    points: Callable
+
+
 class OriginShortcut(NamedTuple):
     """A deterministic fit split into decoder and loss, so that its inner pass at z0 = 0 can decode one example.
 
@@ -72,10 +84,12 @@ class OriginShortcut(NamedTuple):
         (output (1, ...), (stats, new_state)), `stats` being the normalisation statistics it used ({} if none);
       - stats given: every latent of z is decoded on its own with those statistics held fixed; returns output.
     loss(outputs, batch) -> the fit's loss of a batch of outputs.
+    pointwise: the same decoder point by point, where it is a coordinate network (`pointwise_origin_gradient`).
     """
 
     decode: Callable
     loss: Callable
+    pointwise: Pointwise | None = None
 
     def fit(self, params, state, z, batch, rng):
         """The fit this split stands for (the `Fit` protocol): decode the batch of latents and score it."""
@@ -95,6 +109,8 @@ def origin_gradient(shortcut: OriginShortcut, params, state, batch, origin: jax.
     one example; only the second runs over the batch (vmapped). The identity holds for every parameter value and
     every shared z0, so derivatives through the latent (and through a learned z0) are exact too.
     """
+    if shortcut.pointwise is not None:
+        return pointwise_origin_gradient(shortcut, params, state, batch, origin)
     batch_size = batch.shape[0]
     output, vjp_shared, (stats, state) = jax.vjp(
         lambda z: shortcut.decode(params, state, z, batch_size, None), origin, has_aux=True)
@@ -106,6 +122,33 @@ def origin_gradient(shortcut: OriginShortcut, params, state, batch, origin: jax.
         grad = vjp_shared(mean)[0] + jax.vmap(lambda h: vjp_fixed(h[None])[0][0])(cotangents - mean)
     else:  # no statistics: both parts are the same per-example VJP
         grad = jax.vmap(lambda g: vjp_shared(g[None])[0][0])(cotangents)
+    return grad, loss, state, outputs
+
+
+def pointwise_origin_gradient(shortcut: OriginShortcut, params, state, batch, origin: jax.Array):
+    """`origin_gradient` for a decoder whose outputs each depend on the latent and their own point only (a SIREN).
+
+    At a shared latent z0 every example's outputs are the same function of z, so the Jacobian J of one example's
+    outputs with respect to z serves the whole batch, and example i's inner gradient is its output cotangents
+    contracted with J: grad_i = sum_(p, c) G[i, p, c] J[p, c, :]. Pointwise, J is one small Jacobian per point
+    (as many reverse passes as the point has outputs), computed for all points at once by `vmap`: the cost of
+    decoding one example, where the batched VJP of `origin_gradient` runs the decoder's backward pass over the
+    whole batch. The same sums in another order, and derivatives through J (second order, a learned z0) are
+    exact.
+    """
+    decode_at, points = shortcut.pointwise
+
+    def at_point(point):
+        def value(z):
+            out = decode_at(params, state, z[None], point[None])[0, 0]
+            return out, out
+
+        return jax.jacrev(value, has_aux=True)(origin[0])
+
+    jacobian, output = jax.vmap(at_point)(points(origin.dtype))  # (P, *out, *z), (P, *out)
+    outputs = jnp.broadcast_to(output, (batch.shape[0], *output.shape))
+    loss, cotangents = jax.value_and_grad(shortcut.loss)(outputs, batch)
+    grad = jnp.tensordot(cotangents, jacobian, axes=cotangents.ndim - 1)
     return grad, loss, state, outputs
 
 

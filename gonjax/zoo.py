@@ -167,14 +167,16 @@ def gon(config: Config, nc: int) -> Model:
     return Model(name=config.run_name, init=init, apply=apply)
 
 
-def _origin_fits(config: Config, decode, spec_loss) -> tuple[origin.Fit, origin.Fit, origin.OriginShortcut | None]:
+def _origin_fits(config: Config, decode, spec_loss, pointwise: origin.Pointwise | None = None
+                 ) -> tuple[origin.Fit, origin.Fit, origin.OriginShortcut | None]:
     """A deterministic model's outer and inner fit from its decoder and the spec's loss (or gon-pytorch's two
     BCEs, config.loss "peer_bce"), and the shortcut that computes its first inner pass from one example
-    (origin.origin_gradient) where every example starts from the same z0 and the config allows."""
+    (origin.origin_gradient; `pointwise` for a coordinate network) where every example starts from the same z0
+    and the config allows."""
     outer_loss, inner_loss = spec_loss, spec_loss
     if config.loss == "peer_bce":
         outer_loss, inner_loss = losses.peer_outer_bce, losses.peer_inner_bce
-    inner = origin.OriginShortcut(decode, inner_loss)
+    inner = origin.OriginShortcut(decode, inner_loss, pointwise)
     shortcut = inner if config.origin_shortcut and config.latent_sigma == 0.0 else None
     return origin.OriginShortcut(decode, outer_loss).fit, inner.fit, shortcut
 
@@ -279,11 +281,15 @@ def implicit_gon(config: Config, nc: int) -> Model:
         squared = jnp.square(output - target)
         return jnp.mean(squared) if config.loss_reduction == "mean" else jnp.mean(jnp.sum(squared, axis=(1, 2)))
 
+    def decode_at(params, state, z, coords):
+        return siren.apply({"params": params, "constants": state}, coords, z)
+
     def decode(params, state, z, batch_size, stats):
-        output = siren.apply({"params": params, "constants": state}, coordinate_grid(size, z.dtype), z)
+        output = decode_at(params, state, z, coordinate_grid(size, z.dtype))
         return output if stats is not None else (output, ({}, state))
 
-    fit, inner_fit, shortcut = _origin_fits(config, decode, pixel_loss)
+    pointwise = origin.Pointwise(decode_at, lambda dtype: coordinate_grid(size, dtype))
+    fit, inner_fit, shortcut = _origin_fits(config, decode, pixel_loss, pointwise)
 
     def apply(params, state, images, rng, step=0):
         pixels = images.reshape(images.shape[0], -1, images.shape[-1])
@@ -297,7 +303,7 @@ def implicit_gon(config: Config, nc: int) -> Model:
 
     def render(params, state, latents, coords):
         """Decode latents at any coordinates of [-1, 1]^2, the square the training grid spans: (n, P, nc)."""
-        return siren.apply({"params": module_params(params), "constants": state}, coords, latents)
+        return decode_at(module_params(params), state, latents, coords)
 
     def init(rng, images):
         variables = siren.init(rng, coordinate_grid(size), jnp.zeros((images.shape[0], nz), images.dtype))

@@ -3,6 +3,13 @@ import os
 
 os.environ["JAX_PLATFORMS"] = "cpu"  # before jax is imported anywhere
 
+# One core per pytest-xdist worker: JAX's CPU client and PyTorch size their thread pools by the cores a process
+# may use, so two workers on two cores would otherwise run four busy thread pools that preempt each other.
+if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw") and hasattr(os, "sched_setaffinity"):
+    _cpus = sorted(os.sched_getaffinity(0))
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.sched_setaffinity(0, _cpus[int(os.environ["PYTEST_XDIST_WORKER"][2:]) % len(_cpus)::_workers] or _cpus)
+
 import atexit  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402

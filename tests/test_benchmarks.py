@@ -16,11 +16,24 @@ def _run(tmp_path, capsys, *flags) -> tuple[str, dict]:
     return capsys.readouterr().out, json.loads(out.read_text())
 
 
+ROWS = ["gon", "gon_detached", "vgon", "ae", "implicit_gon", "vae", "gon_n3", "implicit_mod"]
+
+
+def test_step_time_rows_all_and_lists(capsys):
+    """--model all is every row in table order; a comma list picks rows; an unknown row is one usage line."""
+    assert step_time._model_names("all") == ROWS
+    assert step_time._model_names("vae, gon") == ["vae", "gon"]
+    with pytest.raises(SystemExit) as exit_info:
+        step_time.main(["--model", "gon,dcgan"])
+    assert exit_info.value.code == 2 and "unknown row dcgan; choose from gon, gon_detached" in capsys.readouterr().err
+
+
 def test_step_time_writes_table_and_json(tmp_path, capsys):
-    table, report = _run(tmp_path, capsys, "--model", "all")
-    assert "gon_detached" in table and "speedup" in table and "ceiling" not in table
-    assert [r["model"] for r in report["results"]] == ["gon", "gon_detached", "vgon", "ae", "implicit_gon", "vae",
-                                                       "gon_n3", "implicit_mod"]
+    """Two rows end to end (a spec model and a gon-pytorch one; every row's reference step is compared with
+    gonjax's in tests/test_parity.py)."""
+    table, report = _run(tmp_path, capsys, "--model", "vgon,implicit_mod")
+    assert "implicit_mod" in table and "speedup" in table and "ceiling" not in table
+    assert [r["model"] for r in report["results"]] == ["vgon", "implicit_mod"]
     for row in report["results"]:
         assert row["speedup"] == pytest.approx(row["torch_ms"] / row["jax_ms"])
         assert row["jax_ms_spread"]["n"] == row["torch_ms_spread"]["n"] == 2
@@ -34,6 +47,7 @@ def test_step_time_writes_table_and_json(tmp_path, capsys):
         assert row["xla_compiler_options"] is None or "xla_cpu_experimental_ynn_fusion_type" in row["xla_compiler_options"]
     env = report["environment"]
     assert {"jax", "torch", "flax"} <= set(env["versions"]) and env["threads"]["torch"] >= 1
+    assert 1 <= env["usable_cpus"] <= env["cpu_count"]
     assert set(env["float32_matmul_precision"]) == {"jax", "torch"} and env["processor"]
 
 
