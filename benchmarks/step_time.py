@@ -337,8 +337,8 @@ def environment() -> dict:
 
 def environment_summary(env: dict) -> str:
     """One line of `environment()` for a benchmark's table: processor, cores, versions, threads."""
-    return (f"{env['processor']}, {env['usable_cpus']} of {env['cpu_count']} cores; jax {env['versions']['jax']} torch "
-            f"{env['versions']['torch']}, threads {env['threads']}")
+    return (f"{env['processor']}, {env['usable_cpus']} of {env['cpu_count']} cores; "
+            f"jax {env['versions']['jax']} torch {env['versions']['torch']}, threads {env['threads']}")
 
 
 def _shape(text: str) -> tuple[int, int, int]:

@@ -284,11 +284,12 @@ def implicit_gon(config: Config, nc: int) -> Model:
     def decode_at(params, state, z, coords):
         return siren.apply({"params": params, "constants": state}, coords, z)
 
+    pointwise = origin.Pointwise(decode_at, lambda dtype: coordinate_grid(size, dtype))
+
     def decode(params, state, z, batch_size, stats):
-        output = decode_at(params, state, z, coordinate_grid(size, z.dtype))
+        output = decode_at(params, state, z, pointwise.points(z.dtype))
         return output if stats is not None else (output, ({}, state))
 
-    pointwise = origin.Pointwise(decode_at, lambda dtype: coordinate_grid(size, dtype))
     fit, inner_fit, shortcut = _origin_fits(config, decode, pixel_loss, pointwise)
 
     def apply(params, state, images, rng, step=0):
