@@ -4,10 +4,14 @@ On CPU, XLA hands convolutions, reductions and dot products to YNNPACK by defaul
 convolutions and its batch-norm reductions, XLA's own (Eigen) kernels are faster: a GON (16, 256) training step
 takes 0.7x the time with YNNPACK kept to dot products. LLVM optimisation level 1 instead of 2 compiles the GON
 step in 3.9 s instead of 4.7-5.1 s, and the steps run as fast (within 3%). Other backends keep XLA's defaults.
+An option the user sets in the XLA_FLAGS environment variable wins over gonjax's choice (per-program options
+would otherwise override it silently).
 """
 from __future__ import annotations
 
 import functools
+import os
+import re
 
 import jax
 
@@ -15,16 +19,27 @@ CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDI
                "xla_backend_optimization_level": 1}
 
 
-@functools.cache
+def user_flags(xla_flags: str | None = None) -> set[str]:
+    """The option names set in XLA_FLAGS (or in `xla_flags`): `--name=value` or `--name` items."""
+    text = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+    return set(re.findall(r"(?:^|\s)--?([A-Za-z0-9_]+)", text))
+
+
 def compiler_options(backend: str) -> dict[str, str | int] | None:
-    """gonjax's options for `backend`, or None for XLA's defaults (also where this XLA lacks an option)."""
+    """gonjax's options for `backend` less those the user set in XLA_FLAGS, or None for XLA's defaults (also
+    where this XLA lacks an option)."""
+    return _compiler_options(backend, frozenset(user_flags()))
+
+
+@functools.cache
+def _compiler_options(backend: str, user_set: frozenset[str]) -> dict[str, str | int] | None:
     if backend != "cpu":
         return None
     try:
         jax.jit(lambda x: x + 1, compiler_options=CPU_OPTIONS).lower(1.0).compile()
     except Exception:  # noqa: BLE001 - an XLA build without the option: keep its defaults
         return None
-    return dict(CPU_OPTIONS)
+    return {name: value for name, value in CPU_OPTIONS.items() if name not in user_set} or None
 
 
 def jit(fn, **jit_kwargs):

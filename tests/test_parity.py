@@ -20,6 +20,8 @@ from gonjax import train, zoo
 from gonjax.config import Config
 from gonjax.data import input_pipeline
 
+from conftest import jit_for_speed
+
 TOL = 1e-6
 
 
@@ -223,7 +225,7 @@ def _float32_losses(model: str, batches: np.ndarray) -> tuple[np.ndarray, np.nda
     gonjax_model = zoo.build_model(config, 1)
     jax_optimizer = train.make_optimizer(config)
     state = train.create_train_state(gonjax_model, jax_optimizer, key, jnp.asarray(batches[0]), variables)
-    train_step = jax.jit(train.make_train_step(gonjax_model, jax_optimizer), donate_argnums=0)
+    train_step = jit_for_speed(train.make_train_step(gonjax_model, jax_optimizer), donate_argnums=0)
     jax_losses = []
     for images in batches:
         state, metrics = train_step(state, jnp.asarray(images), key)

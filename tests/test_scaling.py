@@ -22,7 +22,7 @@ from gonjax import parallel, train
 from gonjax.config import Config
 from gonjax.errors import UsageError
 
-from conftest import REPO
+from conftest import FAST_COMPILE, REPO
 
 TOLERANCE = 1e-10  # float64, relative (normwise per quantity: tests/scaling_checks.py says why)
 FLOAT32 = dict(rtol=2e-4, atol=1e-6)  # two float32 runs of 36 steps whose sums run in different orders
@@ -30,9 +30,7 @@ FLOAT32 = dict(rtol=2e-4, atol=1e-6)  # two float32 runs of 36 steps whose sums 
 
 def _env(devices: int | None) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    env.pop("XLA_FLAGS", None)
-    if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = FAST_COMPILE + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
     return env
 
 

@@ -143,10 +143,16 @@ def test_partial_evaluation_is_recorded(shared_data, tfds_dir, tmp_path):
     assert whole[-1]["test_sse"] == pytest.approx(full[-1]["test_sse"], rel=1e-6)
 
 
-def test_cpu_compiler_options_keep_ynnpack_to_dots_and_compile():
+def test_cpu_compiler_options_keep_ynnpack_to_dots_and_compile(monkeypatch):
     from gonjax import xla
+    monkeypatch.setenv("XLA_FLAGS", "")
     assert xla.compiler_options("cpu") == xla.CPU_OPTIONS  # this jaxlib knows the option
     assert xla.compiler_options("gpu") is None
+    # What the user sets in XLA_FLAGS wins: gonjax's per-program options would otherwise override it.
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")
+    assert xla.compiler_options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3 --xla_cpu_experimental_ynn_fusion_type=X")
+    assert xla.compiler_options("cpu") is None
     a = np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(xla.jit(lambda x: x @ x)(a)), a @ a, rtol=1e-5, atol=1e-5)
 
