@@ -203,14 +203,16 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
     jax_optimizer = train.make_optimizer(config)
     jax_batches = [jax.device_put(b) for b in batches]
     state = train.create_train_state(model, jax_optimizer, jax.random.PRNGKey(0), jax_batches[0], variables)
-    options = xla.compiler_options(jax_device.platform) if args.xla_options == "gonjax" else None
+    gonjax_options = args.xla_options == "gonjax"
+    options = xla.compiler_options(jax_device.platform) if gonjax_options else None
+    train_options = xla.compiler_options(jax_device.platform, model.elementwise_training) if gonjax_options else None
     train_fn, eval_fn = train.make_train_step(model, jax_optimizer), train.make_eval_step(model)
-    train_step = jax.jit(train_fn, donate_argnums=0, compiler_options=options)
+    train_step = jax.jit(train_fn, donate_argnums=0, compiler_options=train_options)
     eval_step = jax.jit(eval_fn, compiler_options=options)
     key = jax.random.PRNGKey(0)
     if args.floor:  # the steps' matmuls and convolutions alone (benchmarks/floor.py)
         train_floor, train_flops = floor.contraction_floor(train_fn, state, jax_batches[0], key,
-                                                           compiler_options=options)
+                                                           compiler_options=train_options)
         eval_floor, eval_flops = floor.contraction_floor(eval_fn, state, jax_batches[0], key,
                                                          compiler_options=options)
         jax.block_until_ready((train_floor(), eval_floor()))
@@ -286,7 +288,7 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size, "ngf": config.ngf, "nz": config.nz, "dataset_shape": list(args.shape),
         "deconv_impl": config.deconv_impl if name not in IMPLICIT_ROWS else None,
         "origin_shortcut": config.origin_shortcut if config.model in ("gon", "implicit_gon") else None,
-        "xla_compiler_options": options,
+        "xla_compiler_options": train_options,  # the training step's; evaluation: gonjax.xla's plain options
         "jax_ms": jax_ms["median"], "torch_ms": torch_ms["median"],
         "speedup": torch_ms["median"] / jax_ms["median"],
         "jax_ms_spread": jax_ms, "torch_ms_spread": torch_ms,

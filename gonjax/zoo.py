@@ -47,6 +47,7 @@ class Model:
     image_size: int = 32  # side of the square images the model reads and writes
     table_metric: str = "sse"  # the metric the spec's tables report (curves.png, the log line)
     latent_bank_batches: int = 0  # keep the latents of this many recent training batches in the TrainState
+    elementwise_training: bool = False  # its training step is elementwise-bound: compiled with gonjax.xla's options for that
 
 
 def reconstruction_metrics(reconstruction: jax.Array, images: jax.Array) -> dict[str, jax.Array]:
@@ -312,7 +313,7 @@ def implicit_gon(config: Config, nc: int) -> Model:
         return _with_learned_origin(config, variables, nz, images.dtype)
 
     return Model(name=config.run_name, init=init, apply=apply, render=render, image_size=size,
-                 table_metric="mse", latent_bank_batches=100)
+                 table_metric="mse", latent_bank_batches=100, elementwise_training=True)
 
 
 MODELS: dict[str, Callable[[Config, int], Model]] = {
