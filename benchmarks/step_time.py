@@ -203,9 +203,10 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
     jax_optimizer = train.make_optimizer(config)
     jax_batches = [jax.device_put(b) for b in batches]
     state = train.create_train_state(model, jax_optimizer, jax.random.PRNGKey(0), jax_batches[0], variables)
-    gonjax_options = args.xla_options == "gonjax"
-    options = xla.compiler_options(jax_device.platform) if gonjax_options else None
-    train_options = xla.compiler_options(jax_device.platform, model.elementwise_training) if gonjax_options else None
+    def options_for(elementwise: bool = False):
+        return xla.compiler_options(jax_device.platform, elementwise) if args.xla_options == "gonjax" else None
+
+    options, train_options = options_for(), options_for(model.elementwise_training)
     train_fn, eval_fn = train.make_train_step(model, jax_optimizer), train.make_eval_step(model)
     train_step = jax.jit(train_fn, donate_argnums=0, compiler_options=train_options)
     eval_step = jax.jit(eval_fn, compiler_options=options)

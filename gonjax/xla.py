@@ -25,10 +25,9 @@ CPU_ELEMENTWISE_OPTIONS = {**CPU_OPTIONS, "xla_cpu_experimental_ynn_fusion_type"
                            "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_ELTWISE"}
 
 
-def user_flags(xla_flags: str | None = None) -> set[str]:
-    """The option names set in XLA_FLAGS (or in `xla_flags`): `--name=value` or `--name` items."""
-    text = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
-    return set(re.findall(r"(?:^|\s)--?([A-Za-z0-9_]+)", text))
+def user_flags() -> set[str]:
+    """The option names set in XLA_FLAGS: its `--name=value` and `--name` items."""
+    return set(re.findall(r"(?:^|\s)--?([A-Za-z0-9_]+)", os.environ.get("XLA_FLAGS", "")))
 
 
 def compiler_options(backend: str, elementwise: bool = False) -> dict[str, str | int] | None:
