@@ -51,6 +51,9 @@ def slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
     return (np.sin((1 - t) * omega) * a + np.sin(t * omega) * b) / np.sin(omega)
 
 
+SLERP_LATENTS = 64  # the slerp grid interpolates within one evaluation batch of 64 (GON-SPEC 4.6)
+
+
 def slerp_grid(latents: np.ndarray) -> np.ndarray:
     """The 8x8 grid of GON-SPEC 4.6 from a batch of 64 latents: row r at t = r/7, column k from z_k to z_{32+k}."""
     if latents.shape[0] < 40:

@@ -52,7 +52,13 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def tfds_dir(tmp_path_factory) -> Path:
-    """One TFDS data dir for the whole session, so each dataset is prepared once."""
+    """One TFDS data dir for the whole session, shared by the pytest-xdist workers (their base folders have one
+    parent), so each dataset is prepared once: gonjax's preparation lock lets two processes prepare into one data
+    dir at once (test_data.py checks it)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "tfds"
+        shared.mkdir(exist_ok=True)
+        return shared
     return tmp_path_factory.mktemp("tfds")
 
 

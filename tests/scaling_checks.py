@@ -16,6 +16,7 @@ import sys
 
 import chex
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -88,9 +89,9 @@ def without_bias_before_bn(params):
 
 def bias_noise(grads) -> float:
     """The largest gradient of a bias feeding batch norm over the largest gradient (0 in exact arithmetic)."""
-    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
-    largest = max(float(jnp.abs(g).max()) for _, g in flat)
-    return max((float(jnp.abs(g).max()) / largest for path, g in flat
+    flat = [(path, np.asarray(g)) for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]]
+    largest = max(float(np.abs(g).max()) for _, g in flat)
+    return max((float(np.abs(g).max()) / largest for path, g in flat
                 if BIAS_BEFORE_BN.search(jax.tree_util.keystr(path))), default=0.0)
 
 
@@ -135,6 +136,16 @@ def _one_step(model, optimizer):
     return step
 
 
+def traced_once(fn, *args):
+    """`fn` replayed from one trace (its jaxpr at the avals of `args`): jitting the replay under several
+    shardings compiles the very program jitting `fn` would, without tracing its Python (autodiff through the
+    origin step) again for every device count."""
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    program = jax.extend.core.jaxpr_as_fun(closed)
+    out_tree = jax.tree_util.tree_structure(out_shape)
+    return lambda *inputs: jax.tree_util.tree_unflatten(out_tree, program(*jax.tree_util.tree_leaves(inputs)))
+
+
 def _setup(name: str):
     config = _config(name)
     model = zoo.build_model(config, 1)
@@ -149,7 +160,7 @@ def devices_check(name: str) -> dict[str, float]:
     images = jax.random.uniform(jax.random.PRNGKey(7), (config.batch_size, size, size, 1), jnp.float64)
     rng = jax.random.PRNGKey(3)
     state = _float64_state(model, optimizer, 0, images)
-    step = _one_step(model, optimizer)
+    step = traced_once(_one_step(model, optimizer), state, images, rng)
     reference = _jit(step)(state, images, rng)
     errors = {}
     for devices in (2, 4, 8):

@@ -63,7 +63,7 @@ def test_smoke_run_writes_every_artefact_and_does_not_rerun(shared_data, tfds_di
     checkpoints = sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert checkpoints == ["0", "3"]
 
-    again = _spawn(*args)
+    again = _run(*args)  # the same command again, in this process
     assert again.returncode == 0 and "already finished" in again.stdout
     assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 2
 
@@ -154,7 +154,8 @@ def test_implicit_gon_variants_train_and_resume(shared_data, tfds_dir, tmp_path)
 def test_implicit_gon_cli_and_render_on_coil20(shared_data, tfds_dir, tmp_path):
     workdir = tmp_path / "implicit"
     result = _run("--dataset", "coil20", "--manual-dir", str(shared_data), "--data-dir", str(tfds_dir),
-                  "--max-steps", "2", "--eval-batches", "2", "--workdir", str(workdir), module="implicit_gon")
+                  "--batch-size", "16", "--max-steps", "2", "--eval-batches", "2", "--workdir", str(workdir),
+                  module="implicit_gon")
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((workdir / "config.json").read_text())
     # COIL-20 schedule of GON-SPEC 5: 500 epochs, lr 1e-4 then 5e-5 from epoch 50; latent 32.
@@ -176,7 +177,7 @@ def test_implicit_gon_cli_and_render_on_coil20(shared_data, tfds_dir, tmp_path):
 def test_killed_run_stops_cleanly_and_resumes(shared_data, tfds_dir, tmp_path):
     workdir = tmp_path / "run"
     args = ["--dataset", "coil20", "--manual-dir", str(shared_data), "--data-dir", str(tfds_dir), "--epochs", "6",
-            "--ngf", "4", "--nz", "8", "--workdir", str(workdir)]
+            "--ngf", "4", "--nz", "8", "--eval-batches", "2", "--workdir", str(workdir)]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     process = subprocess.Popen([sys.executable, "-m", "experiments.gon", *args], cwd=REPO, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -188,7 +189,7 @@ def test_killed_run_stops_cleanly_and_resumes(shared_data, tfds_dir, tmp_path):
     assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert 2 <= len(records) < 7
-    resumed = _spawn(*args)  # the same command resumes from the last whole checkpoint
+    resumed = _run(*args)  # the same command resumes from the last whole checkpoint (in this process)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from step" in resumed.stdout
     final = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]

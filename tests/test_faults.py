@@ -184,21 +184,21 @@ def test_render_refuses_what_cannot_fit_and_never_leaves_a_partial_folder(shared
     from experiments import render as render_cli
 
     run = tmp_path / "implicit"
-    config = Config(model="implicit_gon", dataset="coil20", max_steps=1, eval_batches=1, data_dir=str(tfds_dir),
-                    manual_dir=str(shared_data))
+    config = Config(model="implicit_gon", dataset="coil20", batch_size=8, max_steps=1, eval_batches=1,
+                    data_dir=str(tfds_dir), manual_dir=str(shared_data))
     with pytest.raises(KeyboardInterrupt):  # stopped before its first step: no latents to fit a Gaussian to
         train.train_and_evaluate(config, run, should_stop=(run / "metrics.jsonl").exists)
-    _one_line(run_main("render", "--workdir", run, "--resolution", 40), "not trained long enough")
+    _one_line(run_main("render", "--workdir", run, "--resolution", 40, "--n", 8), "not trained long enough")
     assert [p.name for p in run.iterdir() if "render" in p.name] == []  # refused before any picture
     train.train_and_evaluate(config, run)
 
-    _one_line(run_main("render", "--workdir", run, "--resolution", 100_000), "--resolution 100000", "GB")
+    _one_line(run_main("render", "--workdir", run, "--resolution", 100_000, "--n", 8), "--resolution 100000", "GB")
 
     def fails_late(*_, **__):  # e.g. the disk fills while the last picture is written
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(render_cli.render, "sample_gaussian", fails_late)
-    _one_line(run_main("render", "--workdir", run, "--resolution", 40), "no space left")
+    _one_line(run_main("render", "--workdir", run, "--resolution", 40, "--n", 8), "no space left")
     assert [p.name for p in run.iterdir() if p.name.startswith((".render", "render"))] == []
 
 

@@ -177,7 +177,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_one_float64_training_step_matches_pytorch(fashion_batch, fashion_batch_28, case):
     config = CASES[case]
-    images = fashion_batch_28 if config.model == "implicit_gon" else fashion_batch
+    # The Implicit GON's SIREN runs per pixel: 8 images (6,272 coordinates) are plenty and 8x cheaper than 64.
+    images = fashion_batch_28[:8] if config.model == "implicit_gon" else fashion_batch
     errors = _compare_one_step(config, images)
     params = jax.eval_shape(zoo.build_model(config, 1).init, jax.random.PRNGKey(0), jnp.asarray(images))
     leaves = len(jax.tree_util.tree_leaves(params["params"]))
@@ -321,7 +322,7 @@ def test_one_float64_step_matches_gon_pytorch(fashion_batch, fashion_batch_28, c
     """Latent after N updates, both losses, the reconstruction, every gradient (the learned origin's included),
     the parameters after Adam and the model state (BN statistics, Fourier projection) agree to TOL."""
     config = PEER_CASES[case]
-    images = (fashion_batch_28 if config.model == "implicit_gon" else fashion_batch)[:8]
+    images = (fashion_batch_28[:4] if config.model == "implicit_gon" else fashion_batch[:8])
     errors = _compare_peer_step(config, images)
     params = jax.eval_shape(zoo.build_model(config, 1).init, jax.random.PRNGKey(0), jnp.asarray(images))
     leaves = len(jax.tree_util.tree_leaves(params["params"]))

@@ -83,7 +83,8 @@ def _assert_same_metrics(a: list[dict], b: list[dict], keys=("train_sse", "test_
 def test_float32_runs_on_4_and_1_devices_agree_and_resume_across_device_counts(shared_data, tfds_dir, tmp_path):
     """The CLI on 4 fake devices against 1 device (2 epochs of COIL-20), a run resumed on 2 devices after its
     first epoch on 1, and a batch the devices cannot split: one line, nothing written."""
-    common = ["--dataset", "coil20", "--manual-dir", shared_data, "--data-dir", tfds_dir, "--ngf", "4", "--nz", "8"]
+    common = ["--dataset", "coil20", "--manual-dir", shared_data, "--data-dir", tfds_dir, "--ngf", "4", "--nz", "8",
+              "--eval-batches", "2"]
     script = "\n".join([
         "import sys",
         "from experiments import gon",
@@ -120,7 +121,7 @@ def test_seeds_in_one_program_equal_single_seed_runs_and_are_brought_level_on_re
                                                                                         tmp_path):
     """train_seeds (the CLI's --seeds) against seeds 1 and 2 trained alone, float32; then seed 0 trained alone a
     little further, and the stacked run resumed: seed 1 catches up to seed 0 first, then both go on."""
-    config = Config(dataset="coil20", ngf=4, nz=8, epochs=1, max_steps=8, data_dir=str(tfds_dir),
+    config = Config(dataset="coil20", ngf=4, nz=8, epochs=1, max_steps=8, eval_batches=2, data_dir=str(tfds_dir),
                     manual_dir=str(shared_data))
     together = train.train_seeds(config, [0, 1, 2], tmp_path / "together")
     assert [r["step"] for r in together[2]] == [0, 8]
@@ -146,7 +147,8 @@ def _free_port() -> int:
 
 def _processes(tmp_path, shared_data, tfds_dir, workdir, epochs, port):
     flags = ["--dataset", "coil20", "--manual-dir", shared_data, "--data-dir", tfds_dir, "--ngf", "4", "--nz", "8",
-             "--epochs", epochs, "--workdir", workdir, "--coordinator", f"localhost:{port}", "--num-processes", "2"]
+             "--eval-batches", "2", "--epochs", epochs, "--workdir", workdir, "--coordinator", f"localhost:{port}",
+             "--num-processes", "2"]
     return [subprocess.Popen([sys.executable, "-m", "experiments.gon", *map(str, flags), "--process-id", str(i)],
                              cwd=REPO, env=_env(None), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for i in range(2)]
@@ -163,7 +165,8 @@ def test_two_processes_on_localhost_equal_one_process(shared_data, tfds_dir, tmp
         assert f"epoch {epochs} step {18 * epochs}" in outputs[0][0] and "epoch" not in outputs[1][0]  # process 0
     assert "resuming from step 18" in outputs[0][0]
     one = run_main("gon", "--dataset", "coil20", "--manual-dir", shared_data, "--data-dir", tfds_dir, "--ngf", "4",
-                   "--nz", "8", "--epochs", "2", "--workdir", tmp_path / "one")  # in this process: one CPU device
+                   "--nz", "8", "--eval-batches", "2", "--epochs", "2",
+                   "--workdir", tmp_path / "one")  # in this process: one CPU device
     assert one.returncode == 0, one.stderr[-3000:]
     _assert_same_metrics(_records(tmp_path / "two"), _records(tmp_path / "one"))
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["0", "18", "36"]

@@ -73,9 +73,10 @@ def test_training_reduces_coil20_error_and_writes_every_artefact(shared_data, tf
 
 
 def test_resumed_run_reproduces_an_uninterrupted_one(shared_data, tfds_dir, tmp_path):
-    straight = train.train_and_evaluate(_config(shared_data, tfds_dir, epochs=3, max_steps=30), tmp_path / "a")
-    train.train_and_evaluate(_config(shared_data, tfds_dir, epochs=3, max_steps=11), tmp_path / "b")
-    resumed = train.train_and_evaluate(_config(shared_data, tfds_dir, epochs=3, max_steps=30), tmp_path / "b")
+    short = dict(epochs=3, eval_batches=2)  # evaluations on 2 batches: the comparison is bit for bit all the same
+    straight = train.train_and_evaluate(_config(shared_data, tfds_dir, **short, max_steps=30), tmp_path / "a")
+    train.train_and_evaluate(_config(shared_data, tfds_dir, **short, max_steps=11), tmp_path / "b")
+    resumed = train.train_and_evaluate(_config(shared_data, tfds_dir, **short, max_steps=30), tmp_path / "b")
     timing = ("seconds", "per_s", "mean_step_loss")  # wall times, and a step-loss mean summed in other groups
     strip = lambda rs: [{k: v for k, v in r.items() if not any(t in k for t in timing)} for r in rs]
     assert [r["step"] for r in resumed] == [0, 11, 18, 30]
@@ -169,7 +170,7 @@ def test_cpu_compiler_options_keep_ynnpack_to_dots_and_compile(monkeypatch):
 
 def test_training_windows_record_the_step_losses(shared_data, tfds_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "LOG_EVERY", 5)
-    config = _config(shared_data, tfds_dir, epochs=2)
+    config = _config(shared_data, tfds_dir, epochs=2, eval_batches=1)
     records = train.train_and_evaluate(config, tmp_path / "run")
     windows = [json.loads(line) for line in (tmp_path / "run" / "train_metrics.jsonl").read_text().splitlines()]
     ends = [5, 10, 15, 18, 20, 25, 30, 35, 36]  # every 5th step, and each epoch's end (18 steps)
@@ -241,15 +242,15 @@ def test_bad_settings_fail_before_the_run_folder_is_claimed(overrides, fragment,
 
 def test_torn_or_missing_metrics_rows_are_survived(shared_data, tfds_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    train.train_and_evaluate(_config(shared_data, tfds_dir, max_steps=2), run)
+    train.train_and_evaluate(_config(shared_data, tfds_dir, max_steps=2, eval_batches=1), run)
     metrics = run / "metrics.jsonl"
     metrics.write_text(metrics.read_text() + '{"epoch": 0.2, "st')  # a crash in the middle of a write
-    records = train.train_and_evaluate(_config(shared_data, tfds_dir, max_steps=3), run)
+    records = train.train_and_evaluate(_config(shared_data, tfds_dir, max_steps=3, eval_batches=1), run)
     assert [r["step"] for r in records] == [0, 2, 3]
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [0, 2, 3]
 
     metrics.unlink()  # lost altogether: training goes on from the checkpoint and says what cannot be recovered
     capsys.readouterr()
-    records = train.train_and_evaluate(_config(shared_data, tfds_dir, max_steps=4), run)
+    records = train.train_and_evaluate(_config(shared_data, tfds_dir, max_steps=4, eval_batches=1), run)
     assert [r["step"] for r in records] == [3, 4]
     assert "no rows before step 3" in capsys.readouterr().err
