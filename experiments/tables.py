@@ -20,7 +20,7 @@ from pathlib import Path
 from experiments import cli
 from gonjax import results
 from gonjax.catalog import CHANNELS, DATASETS, SPLIT_SIZES
-from gonjax.errors import DataError, DivergedError, GonjaxError, UsageError
+from gonjax.errors import DataError, DivergedError, GonjaxError, RunInUseError, UsageError
 
 PROG = "python -m experiments.tables"
 
@@ -106,6 +106,9 @@ def run_cells(cells, results_dir: Path, max_epochs, data_flags: dict, write_repo
                 train_and_evaluate(config, results_dir / group[0][1], should_stop=cli.STOP.is_set)
             else:  # the seeds of one cell, stacked in one program
                 train_seeds(config, [c.seed for c, _, _, _ in group], results_dir / parent, should_stop=cli.STOP.is_set)
+            status = results.update_status(results_dir, runs=dict.fromkeys(folders))
+        except RunInUseError as error:  # another queue trains this cell now: skip it, it has not failed
+            print(f"{PROG}: {', '.join(folders)}: skipped, {str(error).split('; ')[0]}", file=sys.stderr, flush=True)
             status = results.update_status(results_dir, runs=dict.fromkeys(folders))
         except (DivergedError, UsageError, DataError) as error:
             print(f"{PROG}: {', '.join(folders)}: {error}", file=sys.stderr, flush=True)

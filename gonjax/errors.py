@@ -13,6 +13,10 @@ class UsageError(GonjaxError):
     """A flag, config value or workdir that cannot be used."""
 
 
+class RunInUseError(UsageError):
+    """A run folder another live process holds (its lock): not a fault of the run, it is being trained."""
+
+
 class DataError(GonjaxError):
     """A dataset that cannot be found, downloaded or read."""
 

@@ -43,7 +43,7 @@ from gonjax import files, parallel, plots, resources, xla
 from gonjax.catalog import SPLIT_SIZES
 from gonjax.config import Config
 from gonjax.data import input_pipeline
-from gonjax.errors import DivergedError, UsageError, stop_if_requested
+from gonjax.errors import DivergedError, RunInUseError, UsageError, stop_if_requested
 from gonjax.zoo import Model, build_model
 
 try:
@@ -245,8 +245,8 @@ class RunDir:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            raise UsageError(f"--workdir {self.path} is in use by {holder}; wait for it to finish (or stop it) "
-                             "and rerun, or choose another --workdir") from None
+            raise RunInUseError(f"--workdir {self.path} is in use by {holder}; wait for it to finish (or stop it) "
+                                "and rerun, or choose another --workdir") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")

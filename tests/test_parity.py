@@ -247,9 +247,10 @@ def fashion_train_batches(shared_data, tfds_dir) -> np.ndarray:
 #   only the curve can agree (the loss falls from 0.145 to 0.034; the detached GON, the nearest wrong model, is
 #   5-7.5% above over the last four windows, so 1% tells them apart);
 # - V-GON 2.2e-7 / 1.3e-6, AE 6.8e-8 / 3.4e-6, VAE 7.7e-8 / 1.8e-6: no such amplification (the V-GON's BN sees
-#   the noise, never a zero variance), the two trajectories stay together to float32 rounding.
-FLOAT32_CURVES = {"gon": (200, 2.5e-4, 1e-2), "vgon": (100, 1e-6, 1e-5), "ae": (100, 3e-7, 1.5e-5),
-                  "vae": (100, 3e-7, 1e-5)}
+#   the noise, never a zero variance), the two trajectories stay together to float32 rounding (measured over
+#   100 steps; 60 steps, three windows, keep CI short: the gap only grows with the steps).
+FLOAT32_CURVES = {"gon": (200, 2.5e-4, 1e-2), "vgon": (60, 1e-6, 1e-5), "ae": (60, 3e-7, 1.5e-5),
+                  "vae": (60, 3e-7, 1e-5)}
 
 
 @pytest.mark.parametrize("model", list(FLOAT32_CURVES))

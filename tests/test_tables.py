@@ -65,6 +65,28 @@ def test_suite_runs_survives_missing_data_and_resumes_after_a_kill(shared_data, 
     assert (out / "TABLES.md").read_text().split("\n", 3)[3] == text.split("\n", 3)[3]  # same but for the date
 
 
+def test_a_cell_another_queue_is_training_is_skipped_not_failed(shared_data, tfds_dir, tmp_path):
+    """Two queues side by side that both list a cell: the one that finds its folder locked skips it (exit 0, one
+    line), and the report does not call the cell failed."""
+    import fcntl
+
+    out = tmp_path / "results"
+    folder = out / "table1/gon/coil20/seed0"
+    folder.mkdir(parents=True)
+    with open(folder / ".lock", "a+") as held:  # the other queue's trainer holds the run folder
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("process 12345 on elsewhere\n")
+        held.flush()
+        result = run_main("tables", "--table", "1", "--datasets", "coil20", "--rows", "gon", "--max-epochs", "1",
+                          "--results", out, "--manual-dir", shared_data, "--data-dir", tfds_dir)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "seed0" in line]
+    assert len(lines) == 1 and "skipped, --workdir" in lines[0] and "in use by process 12345 on elsewhere" in lines[0]
+    assert not (folder / "metrics.jsonl").exists()
+    cell, = json.loads((out / "results.json").read_text())["cells"]
+    assert cell["status"] != "failed" and "failed" not in (out / "TABLES.md").read_text()
+
+
 def test_dry_run_lists_cells_with_hours_and_trains_nothing(tmp_path):
     out = tmp_path / "results"
     started = out / "table3/vae_8_256/coil20/seed0"  # a started run: its speed comes from its own records
