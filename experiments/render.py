@@ -57,14 +57,18 @@ def main(argv=None) -> int:
         data = input_pipeline.load_dataset(config.dataset, model.image_size, config.data_dir, config.manual_dir)
         # Latents as in evaluation, in batches of the run's batch size (the inner loss averages over its batch), as
         # many as the slerp grid's 64 (GON-SPEC 4.6) need: one batch of 64, or several of a smaller batch size.
-        batches = -(-render.SLERP_LATENTS // config.batch_size)
-        if len(data.test) < batches * config.batch_size:
-            raise UsageError(f"the test split has {len(data.test)} images; the slerp grid needs "
-                             f"{batches * config.batch_size} (batches of {config.batch_size})")
-        apply = xla.jit(model.apply)
-        latents = np.concatenate([
-            np.asarray(apply(state.params, state.batch_stats, data.test[k * config.batch_size:][:config.batch_size],
-                             jax.random.PRNGKey(0))[1][1].latent) for k in range(batches)])
+        count = math.ceil(render.SLERP_LATENTS / config.batch_size) * config.batch_size
+        if count > len(data.test):
+            raise UsageError(f"the slerp grid needs {count} test images (batches of {config.batch_size}); "
+                             f"{config.dataset} has {len(data.test)}")
+        encode = xla.jit(model.apply)
+
+        def latents_of(images):
+            _, (_, output) = encode(state.params, state.batch_stats, images, jax.random.PRNGKey(0))
+            return np.asarray(output.latent)
+
+        latents = np.concatenate([latents_of(images) for images in
+                                  input_pipeline.eval_batches(data.test[:count], config.batch_size)])
         batch = data.test[:config.batch_size]
         out.parent.mkdir(parents=True, exist_ok=True)
         with files.atomic_output(out, folder=True) as partial:  # the folder appears complete, or not at all

@@ -108,7 +108,8 @@ def run_cells(cells, results_dir: Path, max_epochs, data_flags: dict, write_repo
                 train_seeds(config, [c.seed for c, _, _, _ in group], results_dir / parent, should_stop=cli.STOP.is_set)
             status = results.update_status(results_dir, runs=dict.fromkeys(folders))
         except RunInUseError as error:  # another queue trains this cell now: skip it, it has not failed
-            print(f"{PROG}: {', '.join(folders)}: skipped, {str(error).split('; ')[0]}", file=sys.stderr, flush=True)
+            print(f"{PROG}: {', '.join(folders)}: skipped, {error.path} is in use by {error.holder}", file=sys.stderr,
+                  flush=True)
             status = results.update_status(results_dir, runs=dict.fromkeys(folders))
         except (DivergedError, UsageError, DataError) as error:
             print(f"{PROG}: {', '.join(folders)}: {error}", file=sys.stderr, flush=True)

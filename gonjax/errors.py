@@ -16,6 +16,11 @@ class UsageError(GonjaxError):
 class RunInUseError(UsageError):
     """A run folder another live process holds (its lock): not a fault of the run, it is being trained."""
 
+    def __init__(self, path, holder: str):
+        self.path, self.holder = path, holder
+        super().__init__(f"--workdir {path} is in use by {holder}; wait for it to finish (or stop it) and rerun, "
+                         "or choose another --workdir")
+
 
 class DataError(GonjaxError):
     """A dataset that cannot be found, downloaded or read."""

@@ -245,8 +245,7 @@ class RunDir:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            raise RunInUseError(f"--workdir {self.path} is in use by {holder}; wait for it to finish (or stop it) "
-                                "and rerun, or choose another --workdir") from None
+            raise RunInUseError(self.path, holder) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
