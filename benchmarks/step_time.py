@@ -203,17 +203,14 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
     jax_optimizer = train.make_optimizer(config)
     jax_batches = [jax.device_put(b) for b in batches]
     state = train.create_train_state(model, jax_optimizer, jax.random.PRNGKey(0), jax_batches[0], variables)
-    def options_for(elementwise: bool = False):
-        return xla.compiler_options(jax_device.platform, elementwise) if args.xla_options == "gonjax" else None
-
-    options, train_options = options_for(), options_for(model.elementwise_training)
+    options = xla.compiler_options(jax_device.platform) if args.xla_options == "gonjax" else None
     train_fn, eval_fn = train.make_train_step(model, jax_optimizer), train.make_eval_step(model)
-    train_step = jax.jit(train_fn, donate_argnums=0, compiler_options=train_options)
+    train_step = jax.jit(train_fn, donate_argnums=0, compiler_options=options)
     eval_step = jax.jit(eval_fn, compiler_options=options)
     key = jax.random.PRNGKey(0)
     if args.floor:  # the steps' matmuls and convolutions alone (benchmarks/floor.py)
         train_floor, train_flops = floor.contraction_floor(train_fn, state, jax_batches[0], key,
-                                                           compiler_options=train_options)
+                                                           compiler_options=options)
         eval_floor, eval_flops = floor.contraction_floor(eval_fn, state, jax_batches[0], key,
                                                          compiler_options=options)
         jax.block_until_ready((train_floor(), eval_floor()))
@@ -289,7 +286,7 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size, "ngf": config.ngf, "nz": config.nz, "dataset_shape": list(args.shape),
         "deconv_impl": config.deconv_impl if name not in IMPLICIT_ROWS else None,
         "origin_shortcut": config.origin_shortcut if config.model in ("gon", "implicit_gon") else None,
-        "xla_compiler_options": train_options,  # the training step's; evaluation: gonjax.xla's plain options
+        "xla_compiler_options": options,
         "jax_ms": jax_ms["median"], "torch_ms": torch_ms["median"],
         "speedup": torch_ms["median"] / jax_ms["median"],
         "jax_ms_spread": jax_ms, "torch_ms_spread": torch_ms,

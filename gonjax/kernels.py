@@ -7,15 +7,18 @@ convolutions and small convolutions are slow.
 - `stride2_tap_matmul`: a stride-2, k=4, padding-1 transposed convolution as one matmul giving every input
   pixel's 16 taps, summed into their output pixels (`_sum_taps` / `_gather_taps`, each the other's VJP);
 - `stride2_phase_conv`: the same as one 3x3 convolution to the four output phases, then depth-to-space;
-- `im2col_conv`: a convolution of a narrow input as patches times one matmul.
+- `im2col_conv`: a convolution of a narrow input as patches times one matmul;
+- `sine` / `cosine`: float32 sin and cos as a range reduction and a polynomial of adds and multiplies, which
+  XLA:CPU vectorises (its own sine runs about 3x slower here), each the other's derivative (custom_jvp).
 
-The custom-VJP pairs have no forward-mode rule: `jax.jvp`, `jax.linearize`, `jax.hessian` cannot pass them.
+The custom-VJP pairs have no forward-mode rule (`sine` and `cosine` have one: every transform passes them): `jax.jvp`, `jax.linearize`, `jax.hessian` cannot pass them.
 Models built with `Config(kernels="autodiff")` use JAX's own primitives instead (`models.BatchStatNorm`,
 `models.TorchConvTranspose`), the same function in every transform (tests/test_transforms.py).
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -128,3 +131,52 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> j
     patches = jnp.concatenate([padded[:, ky:ky + s * (ho - 1) + 1:s, kx:kx + s * (wo - 1) + 1:s, :]
                                for ky in range(k) for kx in range(k)], axis=-1)  # (.., (ky, kx, c))
     return patches @ kernel.reshape(k * k * cin, kernel.shape[-1])
+
+
+# pi split in three: the first two parts have few significant bits, so n * part is exact for |n| < 2**16 and the
+# reduction x - n pi loses nothing to rounding over |x| < 1e5 (the Cody-Waite reduction).
+_PI_PARTS = (3.140625, 9.67502593994140625e-4, 1.509957990978376432e-7)
+# Taylor coefficients of sin r / r - 1 in powers of r^2, up to r^13: under 1e-9 of truncation on |r| <= pi / 2.
+_SIN_COEFFICIENTS = tuple((-1) ** i / math.factorial(2 * i + 1) for i in range(1, 7))
+
+
+def _half_turns_sine(x: jax.Array, offset: float) -> jax.Array:
+    """(-1)^n sin(r) where x = (n + offset) pi + r, n the nearest integer, |r| <= pi / 2: sin x for offset 0,
+    -cos x for offset 1/2. Float32 error under 2e-7 for |x| < 1e5 (tests/test_kernels.py)."""
+    n = jnp.round(x * (1 / math.pi) - offset)
+    turns = n + offset
+    r = x
+    for part in _PI_PARTS:
+        r = r - turns * part
+    r2 = r * r
+    poly = _SIN_COEFFICIENTS[-1]
+    for coefficient in _SIN_COEFFICIENTS[-2::-1]:
+        poly = poly * r2 + coefficient
+    sin_r = r + r * r2 * poly
+    sign = 1 - 4 * (0.5 * n - jnp.floor(0.5 * n))  # +1 for even n, -1 for odd
+    return sign * sin_r
+
+
+@jax.custom_jvp
+def sine(x: jax.Array) -> jax.Array:
+    """sin x: a polynomial after range reduction for float32 (XLA:CPU's own sine is a loop it does not
+    vectorise, about 3x slower), `jnp.sin` for other dtypes. Derivative `cosine`, so every order is exact."""
+    return _half_turns_sine(x, 0.0) if x.dtype == jnp.float32 else jnp.sin(x)
+
+
+@jax.custom_jvp
+def cosine(x: jax.Array) -> jax.Array:
+    """cos x, computed as `sine` is; derivative -`sine`."""
+    return -_half_turns_sine(x, 0.5) if x.dtype == jnp.float32 else jnp.cos(x)
+
+
+@sine.defjvp
+def _sine_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return sine(x), cosine(x) * t
+
+
+@cosine.defjvp
+def _cosine_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return cosine(x), -sine(x) * t

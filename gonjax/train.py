@@ -169,7 +169,7 @@ def time_steps(config: Config, image_shape: tuple[int, int, int], repeats: int =
     images = jax.random.uniform(rng, (config.batch_size, *image_shape))
     optimizer = make_optimizer(config)
     state = create_train_state(model, optimizer, rng, images)
-    train_step = xla.jit(make_train_step(model, optimizer), model.elementwise_training, donate_argnums=0)
+    train_step = xla.jit(make_train_step(model, optimizer), donate_argnums=0)
     eval_step = xla.jit(make_eval_step(model))
     train_times, eval_times = [], []
     for _ in range(repeats + 1):
@@ -616,8 +616,8 @@ class _TrainLoop:
                 def sample(params, batch_stats, rngs, n):
                     return jax.vmap(lambda p, s, r: one_sample(p, s, r, n))(params, batch_stats, rngs)
 
-        train_step = xla.jit(train, model.elementwise_training, donate_argnums=0,
-                             in_shardings=(layout.state, layout.train_batch, rep), out_shardings=(layout.state, rep))
+        train_step = xla.jit(train, donate_argnums=0, in_shardings=(layout.state, layout.train_batch, rep),
+                             out_shardings=(layout.state, rep))
         eval_step = xla.jit(evaluate_batch, in_shardings=(layout.state, layout.eval_batch, rep), out_shardings=rep)
         sample = xla.jit(sample, static_argnums=3, out_shardings=rep) if sample is not None else None
         return train_step, eval_step, sample

@@ -47,7 +47,6 @@ class Model:
     image_size: int = 32  # side of the square images the model reads and writes
     table_metric: str = "sse"  # the metric the spec's tables report (curves.png, the log line)
     latent_bank_batches: int = 0  # keep the latents of this many recent training batches in the TrainState
-    elementwise_training: bool = False  # its training step is elementwise-bound: compiled with gonjax.xla's options for that
 
 
 def reconstruction_metrics(reconstruction: jax.Array, images: jax.Array) -> dict[str, jax.Array]:
@@ -262,7 +261,7 @@ def siren_for(config: Config, nc: int) -> Siren:
     gon-pytorch's BCE)."""
     return Siren(nc=nc, encoding=config.position_encoding, fourier_features=config.fourier_features,
                  fourier_sigma=config.fourier_sigma, nerf_frequencies=config.nerf_frequencies,
-                 modulation=config.modulation, output_sigmoid=config.loss == "peer_bce")
+                 modulation=config.modulation, output_sigmoid=config.loss == "peer_bce", kernels=config.kernels)
 
 
 def implicit_gon(config: Config, nc: int) -> Model:
@@ -313,7 +312,7 @@ def implicit_gon(config: Config, nc: int) -> Model:
         return _with_learned_origin(config, variables, nz, images.dtype)
 
     return Model(name=config.run_name, init=init, apply=apply, render=render, image_size=size,
-                 table_metric="mse", latent_bank_batches=100, elementwise_training=True)
+                 table_metric="mse", latent_bank_batches=100)
 
 
 MODELS: dict[str, Callable[[Config, int], Model]] = {

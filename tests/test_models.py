@@ -198,3 +198,49 @@ def test_torch_conv_paths_equal_the_cross_correlation(shape, cout, stride, paddi
         expected = jax.grad(lambda x, p: jnp.sum(jnp.sin(reference_conv(x, p))), (0, 1))(x, params)
         for got, want in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(expected)):
             np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-12)
+
+
+def _sine_test_points() -> np.ndarray:
+    """Float32 inputs over the range a SIREN's w0 = 30 pre-activations take and well beyond: Gaussian ones of
+    scale 30 (as w0 = 30 makes them), a wide uniform sweep, multiples of pi / 2 (where one of sin, cos is near 0 and
+    the range reduction matters most), and tiny values."""
+    rng = np.random.default_rng(7)
+    quarter_turns = (np.arange(-4000, 4001) * (np.pi / 2)).astype(np.float32)
+    return np.concatenate([
+        (30 * rng.normal(size=200_000)).astype(np.float32),
+        rng.uniform(-1e5, 1e5, size=200_000).astype(np.float32),
+        quarter_turns, np.nextafter(quarter_turns, np.float32(np.inf)),
+        np.float32([0.0, -0.0, 1e-30, -1e-30, 1e-7, 3e-4]),
+    ])
+
+
+def test_sine_and_cosine_match_float64_to_float32_rounding():
+    """`kernels.sine` / `cosine` (range reduction + polynomial) against numpy's float64 sin / cos of the same
+    float32 inputs: within 2e-7 absolutely everywhere (float32's spacing at 1 is 1.2e-7), exact for tiny x."""
+    x = _sine_test_points()
+    x64 = x.astype(np.float64)
+    for fast, exact in ((kernels.sine, np.sin), (kernels.cosine, np.cos)):
+        got = np.asarray(jax.jit(fast)(x))
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, exact(x64), rtol=0, atol=2e-7)
+    tiny = np.float32([1e-30, -1e-30, 1e-7])
+    np.testing.assert_array_equal(np.asarray(jax.jit(kernels.sine)(tiny)), tiny)
+    assert np.isnan(np.asarray(jax.jit(kernels.sine)(np.float32([np.inf, -np.inf, np.nan])))).all()
+
+
+def test_sine_derivatives_are_cosine_and_minus_sine_in_every_mode():
+    """First and second derivatives, reverse and forward mode, against float64 cos and -sin; float64 inputs take
+    jnp.sin itself (what the float64 parity tests compare)."""
+    x = _sine_test_points()[::50]
+    x64 = x.astype(np.float64)
+    first = jax.jit(jax.vmap(jax.grad(kernels.sine)))(x)
+    second = jax.jit(jax.vmap(jax.grad(jax.grad(kernels.sine))))(x)
+    np.testing.assert_allclose(first, np.cos(x64), rtol=0, atol=2e-7)
+    np.testing.assert_allclose(second, -np.sin(x64), rtol=0, atol=2e-7)
+    tangent = np.random.default_rng(0).normal(size=x.shape).astype(np.float32)
+    primal, jvp = jax.jit(lambda a, t: jax.jvp(kernels.cosine, (a,), (t,)))(x, tangent)
+    np.testing.assert_allclose(primal, np.cos(x64), rtol=0, atol=2e-7)
+    np.testing.assert_allclose(jvp, -np.sin(x64) * tangent, rtol=1e-6, atol=1e-6)
+    with jax.enable_x64(True):
+        np.testing.assert_array_equal(jax.jit(kernels.sine)(x64), jnp.sin(x64))
+        np.testing.assert_array_equal(jax.jit(jax.vmap(jax.grad(kernels.sine)))(x64), jnp.cos(x64))

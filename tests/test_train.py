@@ -149,16 +149,6 @@ def test_cpu_compiler_options_keep_ynnpack_to_dots_and_compile(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "")
     assert xla.compiler_options("cpu") == xla.CPU_OPTIONS  # this jaxlib knows the option
     assert xla.compiler_options("gpu") is None
-    # An elementwise-bound step (the Implicit GON's training step) also hands YNNPACK its elementwise fusions.
-    assert xla.compiler_options("cpu", elementwise=True) == xla.CPU_ELEMENTWISE_OPTIONS
-    # (compiled with XLA's fusion emitters, which the suite's FAST_COMPILE turns off for every other program)
-    options = {**xla.compiler_options("cpu", elementwise=True), "xla_cpu_use_fusion_emitters": True}
-    siren_layer = jax.jit(lambda x, w: jnp.sin(30 * (x @ w)) * jnp.cos(x @ w), compiler_options=options)
-    x, w = np.random.default_rng(1).normal(size=(2, 64, 64)).astype(np.float32) / 8
-    compiled = siren_layer.lower(x, w).compile().as_text()
-    assert compiled.count('"__ynn_fusion"') >= 2  # the dot and the elementwise maps (YNNPACK skips tiny ones)
-    expected = np.sin(30 * (x.astype(np.float64) @ w)) * np.cos(x.astype(np.float64) @ w)
-    np.testing.assert_allclose(np.asarray(siren_layer(x, w)), expected, rtol=1e-4, atol=1e-4)
     # What the user sets in XLA_FLAGS wins: gonjax's per-program options would otherwise override it.
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")
     assert xla.compiler_options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
