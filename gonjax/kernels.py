@@ -1,6 +1,6 @@
 """Kernels tuned for XLA:CPU (benchmarks/README.md measures them): the same functions as JAX's own primitives,
 written so that their forward and backward passes run as matmuls where XLA:CPU's reductions, transposed
-convolutions and small convolutions are slow.
+convolutions and small convolutions are slow, or as arithmetic it vectorises where its sine is slow.
 
 - `channel_sum` / `channel_broadcast`: batch norm's per-channel sums as matmuls with a ones vector, each the
   other's VJP (custom_vjp), so the backward and double-backward reductions are matmuls too;
@@ -11,7 +11,8 @@ convolutions and small convolutions are slow.
 - `sine` / `cosine`: float32 sin and cos as a range reduction and a polynomial of adds and multiplies, which
   XLA:CPU vectorises (its own sine runs about 3x slower here), each the other's derivative (custom_jvp).
 
-The custom-VJP pairs have no forward-mode rule (`sine` and `cosine` have one: every transform passes them): `jax.jvp`, `jax.linearize`, `jax.hessian` cannot pass them.
+The custom-VJP pairs have no forward-mode rule: `jax.jvp`, `jax.linearize`, `jax.hessian` cannot pass them
+(`sine` and `cosine` are custom-JVP functions, which every transform passes).
 Models built with `Config(kernels="autodiff")` use JAX's own primitives instead (`models.BatchStatNorm`,
 `models.TorchConvTranspose`), the same function in every transform (tests/test_transforms.py).
 """
@@ -133,8 +134,8 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> j
     return patches @ kernel.reshape(k * k * cin, kernel.shape[-1])
 
 
-# pi split in three: the first two parts have few significant bits, so n * part is exact for |n| < 2**16 and the
-# reduction x - n pi loses nothing to rounding over |x| < 1e5 (the Cody-Waite reduction).
+# pi split in three (the Cody-Waite reduction): the first part has 8 significant bits, so x - n * part is exact for
+# |n| < 2**16, and the later parts add pi's lower bits; tests/test_models.py bounds the error by 2e-7 for |x| < 1e5.
 _PI_PARTS = (3.140625, 9.67502593994140625e-4, 1.509957990978376432e-7)
 # Taylor coefficients of sin r / r - 1 in powers of r^2, up to r^13: under 1e-9 of truncation on |r| <= pi / 2.
 _SIN_COEFFICIENTS = tuple((-1) ** i / math.factorial(2 * i + 1) for i in range(1, 7))
@@ -142,7 +143,7 @@ _SIN_COEFFICIENTS = tuple((-1) ** i / math.factorial(2 * i + 1) for i in range(1
 
 def _half_turns_sine(x: jax.Array, offset: float) -> jax.Array:
     """(-1)^n sin(r) where x = (n + offset) pi + r, n the nearest integer, |r| <= pi / 2: sin x for offset 0,
-    -cos x for offset 1/2. Float32 error under 2e-7 for |x| < 1e5 (tests/test_kernels.py)."""
+    -cos x for offset 1/2. Float32 error under 2e-7 for |x| < 1e5 (tests/test_models.py)."""
     n = jnp.round(x * (1 / math.pi) - offset)
     turns = n + offset
     r = x
@@ -159,8 +160,9 @@ def _half_turns_sine(x: jax.Array, offset: float) -> jax.Array:
 
 @jax.custom_jvp
 def sine(x: jax.Array) -> jax.Array:
-    """sin x: a polynomial after range reduction for float32 (XLA:CPU's own sine is a loop it does not
-    vectorise, about 3x slower), `jnp.sin` for other dtypes. Derivative `cosine`, so every order is exact."""
+    """sin x: a polynomial after range reduction for float32 (XLA:CPU's own sine took 3x as long in a probe of
+    12.8 M values), `jnp.sin` for other dtypes. Derivative `cosine`, so derivatives of every order are sines and
+    cosines."""
     return _half_turns_sine(x, 0.0) if x.dtype == jnp.float32 else jnp.sin(x)
 
 
