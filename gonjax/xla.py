@@ -37,12 +37,11 @@ def compiler_options(backend: str) -> dict[str, str | int] | None:
 def _compiler_options(backend: str, user_set: frozenset[str]) -> dict[str, str | int] | None:
     if backend != "cpu":
         return None
-    options = CPU_OPTIONS
     try:
-        jax.jit(lambda x: x + 1, compiler_options=options).lower(1.0).compile()
+        jax.jit(lambda x: x + 1, compiler_options=CPU_OPTIONS).lower(1.0).compile()
     except Exception:  # noqa: BLE001 - an XLA build without the option: keep its defaults
         return None
-    return {name: value for name, value in options.items() if name not in user_set} or None
+    return {name: value for name, value in CPU_OPTIONS.items() if name not in user_set} or None
 
 
 def jit(fn, **jit_kwargs):
