@@ -8,7 +8,10 @@ Timed steps alternate in blocks (`--block` JAX steps, as many PyTorch steps, ...
 load; each step is timed to completion (`block_until_ready` for JAX, `torch.cuda.synchronize` on a GPU). Blocks
 rather than single steps: on a CPU both runtimes keep their worker threads spinning for a while after a step, and
 a step that follows the other framework's competes with those threads (strict one-one alternation measured the
-JAX GON step at 16.7 ms instead of 13 ms on two cores). JAX runs the jitted train
+JAX GON step at 16.7 ms instead of 13 ms on two cores). Each block starts with `--block-warmup` untimed steps per
+framework (default 1): the first step after a switch runs cold for both (GON, family-25 EPYC: JAX 27.4 ms against
+19-20 ms for the next four, 33.4 against 21-23 ms after a 0.1 s pause; PyTorch 51.4 against 42-45 ms after the
+pause), which a training loop, stepping back to back, never sees. JAX runs the jitted train
 step with its state donated; PyTorch runs eagerly with as many threads as JAX's CPU backend uses.
 The evaluation figure is images per second over passes of `--eval-batches` batches (the full-pass procedure of
 the trainer: origin step per batch of 64, BN with batch statistics, SSE per image). `--floor` also times each
@@ -236,17 +239,22 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
     jax_times, torch_times, floor_times = [], [], []
     for start_index in range(0, args.steps, args.block):
         indices = [i % len(jax_batches) for i in range(start_index, min(start_index + args.block, args.steps))]
-        for index in indices:
+        untimed = indices[:1] * args.block_warmup  # the first step after the other framework's block runs cold
+        for timed, index in [(False, i) for i in untimed] + [(True, i) for i in indices]:
             start = time.perf_counter()
             state, metrics = train_step(state, jax_batches[index], key)
             jax.block_until_ready((state, metrics))
-            jax_times.append(time.perf_counter() - start)
-        for index in indices:
+            if timed:
+                jax_times.append(time.perf_counter() - start)
+        for timed, index in [(False, i) for i in untimed] + [(True, i) for i in indices]:
             start = time.perf_counter()
             bench.torch_train_step(module, optimizer, torch_batches[index], config)
             _torch_sync(torch_device)
-            torch_times.append(time.perf_counter() - start)
+            if timed:
+                torch_times.append(time.perf_counter() - start)
         if args.floor:
+            for _ in untimed:
+                jax.block_until_ready(train_floor())
             for _ in indices:
                 start = time.perf_counter()
                 jax.block_until_ready(train_floor())
@@ -293,6 +301,8 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
         "jax_compile_s": jax_first, "jax_eval_compile_s": jax_eval_first, "torch_first_step_s": torch_first,
         "jax_eval_images_per_s": jax_ips, "torch_eval_images_per_s": torch_ips,
         "eval_speedup": jax_ips / torch_ips,
+        "block": args.block, "block_warmup": args.block_warmup,
+        "jax_steps_run": int(state.step), "torch_steps_run": tr.adam_steps(optimizer),
     }
     if args.floor:
         floor_ms, floor_ips = summary(floor_times), statistics.median(floor_eval)
@@ -381,6 +391,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="timed training steps per framework")
     parser.add_argument("--block", type=int, default=10, help="timed steps per framework before switching")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--block-warmup", type=int, default=1,
+                        help="untimed steps per framework at the start of each block (default 1: the first step "
+                             "after the other framework's block is slower for both)")
     parser.add_argument("--distinct-batches", type=int, default=4)
     parser.add_argument("--eval-batches", type=int, default=20)
     parser.add_argument("--eval-repeats", type=int, default=3)
@@ -389,8 +402,8 @@ def main(argv=None) -> int:
                              "report the largest speedup over PyTorch they allow")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
-    if args.steps < 2 or args.batch_size < 2 or args.block < 1:
-        parser.error("--steps and --batch-size must be at least 2, --block at least 1")
+    if args.steps < 2 or args.batch_size < 2 or args.block < 1 or args.block_warmup < 0:
+        parser.error("--steps and --batch-size must be at least 2, --block at least 1, --block-warmup at least 0")
     if args.json is not None and args.json.exists():
         parser.error(f"--json {args.json} exists; choose a new file (results are never overwritten)")
     torch.set_num_threads(usable_cpus())

@@ -255,6 +255,14 @@ def make_adam(module: nn.Module, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(module.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
+def adam_steps(optimizer: torch.optim.Adam) -> int:
+    """How many steps `optimizer` has taken: Adam's own per-parameter step counter (0 before the first)."""
+    counts = {int(state["step"]) for state in optimizer.state.values() if "step" in state}
+    if len(counts) > 1:
+        raise ValueError(f"parameters disagree on Adam's step count: {sorted(counts)}")
+    return counts.pop() if counts else 0
+
+
 def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy().copy()  # a copy: .numpy() shares memory with tensors Adam updates in place
 

@@ -51,6 +51,17 @@ def test_step_time_writes_table_and_json(tmp_path, capsys):
     assert set(env["float32_matmul_precision"]) == {"jax", "torch"} and env["processor"]
 
 
+def test_step_time_times_only_the_steps_after_each_blocks_warm_up(tmp_path, capsys):
+    """--block-warmup K runs K untimed steps per framework at the start of every block: the timed samples stay
+    --steps, and each side's own step counter (TrainState.step, Adam's per-parameter step) counts every step."""
+    _, report = _run(tmp_path, capsys, "--model", "gon", "--steps", "5", "--block", "2", "--block-warmup", "2")
+    row, = report["results"]
+    assert row["jax_ms_spread"]["n"] == row["torch_ms_spread"]["n"] == 5
+    # first call + 1 warm-up + 5 timed + 2 untimed in each of the 3 blocks (2, 2, 1 steps)
+    assert row["jax_steps_run"] == row["torch_steps_run"] == 1 + 1 + 5 + 3 * 2
+    assert (row["block"], row["block_warmup"]) == (2, 2)
+
+
 def test_step_time_floor_reports_the_contraction_ceiling(tmp_path, capsys):
     table, report = _run(tmp_path, capsys, "--model", "gon", "--floor")
     assert "ceiling" in table
