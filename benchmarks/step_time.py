@@ -240,13 +240,14 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
     for start_index in range(0, args.steps, args.block):
         indices = [i % len(jax_batches) for i in range(start_index, min(start_index + args.block, args.steps))]
         untimed = indices[:1] * args.block_warmup  # the first step after the other framework's block runs cold
-        for timed, index in [(False, i) for i in untimed] + [(True, i) for i in indices]:
+        schedule = [(False, i) for i in untimed] + [(True, i) for i in indices]  # (timed?, batch index)
+        for timed, index in schedule:
             start = time.perf_counter()
             state, metrics = train_step(state, jax_batches[index], key)
             jax.block_until_ready((state, metrics))
             if timed:
                 jax_times.append(time.perf_counter() - start)
-        for timed, index in [(False, i) for i in untimed] + [(True, i) for i in indices]:
+        for timed, index in schedule:
             start = time.perf_counter()
             bench.torch_train_step(module, optimizer, torch_batches[index], config)
             _torch_sync(torch_device)
