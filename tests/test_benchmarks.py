@@ -51,21 +51,16 @@ def test_step_time_writes_table_and_json(tmp_path, capsys):
     assert set(env["float32_matmul_precision"]) == {"jax", "torch"} and env["processor"]
 
 
-def test_step_time_times_only_the_steps_after_each_blocks_warm_up(tmp_path, capsys):
-    """--block-warmup K runs K untimed steps per framework at the start of every block: the timed samples stay
-    --steps, and each side's own step counter (TrainState.step, Adam's per-parameter step) counts every step."""
-    _, report = _run(tmp_path, capsys, "--model", "gon", "--steps", "5", "--block", "2", "--block-warmup", "2")
-    row, = report["results"]
-    assert row["jax_ms_spread"]["n"] == row["torch_ms_spread"]["n"] == 5
-    # first call + 1 warm-up + 5 timed + 2 untimed in each of the 3 blocks (2, 2, 1 steps)
-    assert row["jax_steps_run"] == row["torch_steps_run"] == 1 + 1 + 5 + 3 * 2
-    assert (row["block"], row["block_warmup"]) == (2, 2)
-
-
 def test_step_time_floor_reports_the_contraction_ceiling(tmp_path, capsys):
-    table, report = _run(tmp_path, capsys, "--model", "gon", "--floor")
+    """Also: --block-warmup K runs K untimed steps per framework (and of the floor) at the start of every block;
+    the timed samples stay --steps, and each side's own step counter (TrainState.step, Adam's) counts every step."""
+    table, report = _run(tmp_path, capsys, "--model", "gon", "--floor", "--block", "1", "--block-warmup", "2")
     assert "ceiling" in table
     row, = report["results"]
+    assert row["jax_ms_spread"]["n"] == row["torch_ms_spread"]["n"] == 2
+    # first call + 1 warm-up + 2 timed + 2 untimed in each of the 2 blocks of one step
+    assert row["jax_steps_run"] == row["torch_steps_run"] == 1 + 1 + 2 + 2 * 2
+    assert (row["block"], row["block_warmup"]) == (1, 2)
     assert row["speedup_ceiling"] == pytest.approx(row["torch_ms"] / row["floor_ms"])
     assert row["eval_speedup_ceiling"] == pytest.approx(row["eval_floor_images_per_s"] / row["torch_eval_images_per_s"])
     assert row["floor_ms_spread"]["n"] == 2 and row["floor_gflop"] > row["eval_floor_gflop_per_batch"] > 0
