@@ -254,12 +254,11 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
             if timed:
                 torch_times.append(time.perf_counter() - start)
         if args.floor:
-            for _ in untimed:
-                jax.block_until_ready(train_floor())
-            for _ in indices:
+            for timed, _ in schedule:
                 start = time.perf_counter()
                 jax.block_until_ready(train_floor())
-                floor_times.append(time.perf_counter() - start)
+                if timed:
+                    floor_times.append(time.perf_counter() - start)
 
     jax_eval, torch_eval, floor_eval = [], [], []
     images = args.eval_batches * args.batch_size
