@@ -82,8 +82,15 @@ def build_parser(prog: str, description: str, model: str) -> argparse.ArgumentPa
     parser.add_argument("--eval-batches", type=int, default=None,
                         help="evaluate on the first N batches of each split only (default: full passes, as the "
                              "spec's tables; records then carry eval_batches)")
+    add_eval_every_flag(parser)
     add_scale_flags(parser)
     return parser
+
+
+def add_eval_every_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--eval-every", type=int, default=Config.eval_every, metavar="N",
+                        help="evaluate and checkpoint after every N-th epoch and at the end (default 1); the training "
+                             "is the same, the curves have fewer points and a kill loses up to N epochs")
 
 
 def add_scale_flags(parser: argparse.ArgumentParser) -> None:

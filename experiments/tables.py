@@ -43,6 +43,7 @@ def build_parser():
     mode.add_argument("--dry-run", action="store_true",
                       help="list the cells, their epochs and the hours each would take here; train nothing")
     mode.add_argument("--report", action="store_true", help="rebuild the report from what exists; train nothing")
+    cli.add_eval_every_flag(parser)
     parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's own)")
     parser.add_argument("--manual-dir", default=None, help="folder of official dataset files, to prepare offline")
     return parser
@@ -68,9 +69,10 @@ def _jobs(cells, max_epochs):
     return list(jobs.values())
 
 
-def run_cells(cells, results_dir: Path, max_epochs, data_flags: dict, write_report) -> int:
-    """Train every cell to its (capped) schedule, cell after cell; the seeds of a cell that still need training
-    train together in one program (gonjax.train.train_seeds). Returns how many runs failed."""
+def run_cells(cells, results_dir: Path, max_epochs, data_flags: dict, write_report, eval_every: int = 1) -> int:
+    """Train every cell to its (capped) schedule, cell after cell, evaluating after every `eval_every`-th epoch;
+    the seeds of a cell that still need training train together in one program (gonjax.train.train_seeds).
+    Returns how many runs failed."""
     from gonjax.data import input_pipeline  # TFDS only when something trains
     from gonjax.train import train_and_evaluate, train_seeds
 
@@ -101,7 +103,7 @@ def run_cells(cells, results_dir: Path, max_epochs, data_flags: dict, write_repo
             print(f"{where}: training to epoch {target}/{cell.schedule_epochs} (at {done})", flush=True)
         folders = [str(folder) for _, folder, _, _ in group]
         try:
-            config = cell.config(epochs=target, **data_flags)
+            config = cell.config(epochs=target, eval_every=eval_every, **data_flags)
             if len(group) == 1:
                 train_and_evaluate(config, results_dir / group[0][1], should_stop=cli.STOP.is_set)
             else:  # the seeds of one cell, stacked in one program
@@ -119,7 +121,7 @@ def run_cells(cells, results_dir: Path, max_epochs, data_flags: dict, write_repo
     return failures
 
 
-def dry_run(cells, results_dir: Path, max_epochs) -> None:
+def dry_run(cells, results_dir: Path, max_epochs, eval_every: int = 1) -> None:
     """Print the plan: every job with its epochs, how far it is, and the hours left at this machine's speed
     (the median of the run's last ten epochs once it has some, else a short measurement of its steps)."""
     from gonjax.train import time_steps
@@ -143,7 +145,7 @@ def dry_run(cells, results_dir: Path, max_epochs) -> None:
             train_s, eval_s = timings[key]
             train_images, test_images = SPLIT_SIZES[cell.dataset]
             steps, evals = train_images // config.batch_size, (train_images + test_images) // config.batch_size
-            per_epoch, how = steps * train_s + evals * eval_s, "from a timed step"
+            per_epoch, how = steps * train_s + evals * eval_s / eval_every, "from a timed step"
         hours = (target - done) * per_epoch / 3600
         total += hours
         print(f"{str(folder):<44} {f'{target}/{cell.schedule_epochs}':>9} {done:>5} {per_epoch:>8.1f} "
@@ -165,11 +167,13 @@ def main(argv=None) -> int:
     def action():
         if args.max_epochs is not None and args.max_epochs < 1:
             raise UsageError(f"--max-epochs must be at least 1, got {args.max_epochs}")
+        if args.eval_every < 1:
+            raise UsageError(f"--eval-every must be at least 1, got {args.eval_every}")
         tables = None if args.table is None else [t if t == "ablations" else f"table{t}" for t in args.table]
         cells = results.plan(tables, args.datasets, args.rows, args.seeds)
         results_dir = Path(args.results)
         if args.dry_run:
-            dry_run(cells, results_dir, args.max_epochs)
+            dry_run(cells, results_dir, args.max_epochs, args.eval_every)
             return
         if args.report and not results_dir.is_dir():
             raise UsageError(f"--results {results_dir} is not a folder: nothing to report; train first")
@@ -190,7 +194,7 @@ def main(argv=None) -> int:
         else:
             data_flags = {"data_dir": args.data_dir, "manual_dir": args.manual_dir}
             try:
-                failures = run_cells(cells, results_dir, args.max_epochs, data_flags, write_report)
+                failures = run_cells(cells, results_dir, args.max_epochs, data_flags, write_report, args.eval_every)
             finally:  # also on Ctrl-C: the report shows how far every cell got
                 read = write_report()
         counts = {}

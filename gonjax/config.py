@@ -42,6 +42,7 @@ def _has_type(value, annotation: str) -> bool:
 
 # Fields that may change when a run is resumed; every other field must match the saved config.json.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "data_dir", "manual_dir", "keep_checkpoints", "devices",
+                               "eval_every",  # when the run looks at itself, not what it trains
                                "deconv_impl", "kernels", "origin_shortcut"})  # the same function computed another way
 
 
@@ -74,6 +75,7 @@ class Config:
     kernels: str = "xla_cpu"  # "autodiff": JAX's own primitives only, for jvp / linearize / hessian (gonjax.kernels)
     origin_shortcut: bool = True  # inner pass at z0 = 0 from one decoded example (gonjax.origin.origin_gradient)
     eval_batches: int | None = None  # evaluate on the first N batches of each split only (default: full passes)
+    eval_every: int = 1  # evaluate (and checkpoint) after every N-th epoch and at the run's end; training unchanged
     devices: int | None = None  # devices the batch is split over (gonjax.parallel); None: every device
     # Variants of the origin step (docs/spec.md "Variants"; gon, vgon, implicit_gon). Defaults are the spec's.
     latent_updates: int = 1  # N updates z <- z - latent_step_size * grad L_in(z), each differentiable
@@ -113,7 +115,7 @@ class Config:
         if self.activation not in ACTIVATIONS:
             raise UsageError(f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "nz": self.nz, "ngf": self.ngf,
-                    "keep_checkpoints": self.keep_checkpoints}
+                    "keep_checkpoints": self.keep_checkpoints, "eval_every": self.eval_every}
         for name in ("max_steps", "eval_batches", "devices"):
             if getattr(self, name) is not None:
                 positive[name] = getattr(self, name)

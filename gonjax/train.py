@@ -3,7 +3,8 @@
 `train_and_evaluate(config, workdir)` runs a whole experiment into `workdir`:
   config.json      the run's Config
   data.json        how the dataset was prepared (TFDS builder, version, split sizes, split seed)
-  metrics.jsonl    one JSON object per evaluation (before training, after every epoch, at --max-steps)
+  metrics.jsonl    one JSON object per evaluation (before training, after every epoch or every --eval-every
+                   epochs, at the end and at --max-steps)
   train_metrics.jsonl  the training loss averaged over windows of LOG_EVERY steps, with steps/s and images/s
   recon_<E>.png    first 64 test images beside their reconstructions after epoch E (draws_pictures says which
                    epochs; recon_step<N>.png for a stop mid-epoch)
@@ -428,7 +429,9 @@ def _epoch_label(step: int, steps_per_epoch: int) -> int | float:
 
 
 def train_and_evaluate(config: Config, workdir, should_stop: Callable[[], bool] | None = None) -> list[dict]:
-    """Train `config.model` on `config.dataset`, evaluating before training and after every epoch.
+    """Train `config.model` on `config.dataset`, evaluating (and checkpointing) before training, after every
+    `config.eval_every`-th epoch and at the end. Evaluations read the state and never change it, so their
+    cadence leaves the training bit for bit the same.
 
     The steps run on `config.devices` devices (default: every device of every process; `gonjax.parallel`), the
     same math as on one. `should_stop`, polled before every training step and evaluation batch, stops the run
@@ -623,7 +626,8 @@ class _TrainLoop:
         return train_step, eval_step, sample
 
     def run(self, group: list[_Replica], target: int) -> None:
-        """Train `group` (replicas at one step) to step `target`, evaluating after every epoch and at `target`."""
+        """Train `group` (replicas at one step) to step `target`, evaluating after every `config.eval_every`-th
+        epoch and at `target`."""
         config, data, model = group[0].config, self.data, self.model
         steps_per_epoch, total_steps, should_stop = self.steps_per_epoch, self.total_steps, self.should_stop
         step = group[0].step
@@ -774,7 +778,8 @@ class _TrainLoop:
             for r in group:
                 r.train_seconds += time.perf_counter() - epoch_start
             bar.close()
-            evaluate_and_record()
+            if step >= target or (step % steps_per_epoch == 0 and step // steps_per_epoch % config.eval_every == 0):
+                evaluate_and_record()
         for k, r in enumerate(group):  # the group's states, for a later group
             r.state = take(state, k)
 

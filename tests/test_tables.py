@@ -112,6 +112,7 @@ def test_dry_run_lists_cells_with_hours_and_trains_nothing(tmp_path):
     (["--datasets", "svhn"], "unknown dataset 'svhn'"),
     (["--table", "2", "--datasets", "cifar10"], "no cell"),
     (["--max-epochs", "0"], "--max-epochs must be at least 1"),
+    (["--eval-every", "0"], "--eval-every must be at least 1"),
     (["--seeds", "1,1"], "seeds must be distinct"),
     (["--dry-run", "--report"], "not allowed with"),
 ])
