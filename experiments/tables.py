@@ -20,6 +20,7 @@ from pathlib import Path
 from experiments import cli
 from gonjax import results
 from gonjax.catalog import CHANNELS, DATASETS, SPLIT_SIZES
+from gonjax.config import Config
 from gonjax.errors import DataError, DivergedError, GonjaxError, RunInUseError, UsageError
 
 PROG = "python -m experiments.tables"
@@ -167,8 +168,7 @@ def main(argv=None) -> int:
     def action():
         if args.max_epochs is not None and args.max_epochs < 1:
             raise UsageError(f"--max-epochs must be at least 1, got {args.max_epochs}")
-        if args.eval_every < 1:
-            raise UsageError(f"--eval-every must be at least 1, got {args.eval_every}")
+        Config(eval_every=args.eval_every).validate()  # once here, not once per cell
         tables = None if args.table is None else [t if t == "ablations" else f"table{t}" for t in args.table]
         cells = results.plan(tables, args.datasets, args.rows, args.seeds)
         results_dir = Path(args.results)
