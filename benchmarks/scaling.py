@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.stats import summary
-from gonjax import parallel, train, zoo
+from gonjax import parallel, steps, zoo
 from gonjax.config import MODEL_NAMES, Config
 
 
@@ -39,19 +39,19 @@ def _counts(text: str) -> list[int]:
     return counts
 
 
-def step_seconds(config: Config, devices: int, replicas: int, steps: int) -> dict:
+def step_seconds(config: Config, devices: int, replicas: int, timed_steps: int) -> dict:
     """Seconds of the trainer's step for `replicas` seeds (1: one unstacked run) on `devices` devices."""
     model = zoo.build_model(config, 1)
-    optimizer = train.make_optimizer(config)
+    optimizer = steps.make_optimizer(config)
     layout = parallel.make_layout(devices, config.batch_size, replicas)
     shape = (config.batch_size, model.image_size, model.image_size, 1)
-    create = lambda rng: train.create_train_state(model, optimizer, rng, jnp.zeros(shape))  # noqa: E731
+    create = lambda rng: steps.create_train_state(model, optimizer, rng, jnp.zeros(shape))  # noqa: E731
     rngs = jax.random.split(jax.random.PRNGKey(0), replicas)
     if layout.stacked:
         state = jax.jit(jax.vmap(create), out_shardings=layout.state)(rngs)
     else:
         state = jax.jit(create, out_shardings=layout.state)(rngs[0])
-    train_step, _, _ = train._TrainLoop(model, optimizer, None, 1, 1, None)._compile(layout)
+    train_step, _, _ = steps.build_steps(model, optimizer, layout)
     images = np.random.default_rng(0).uniform(size=((replicas,) if layout.stacked else ()) + shape)
     batch = layout.put(images.astype(np.float32), layout.train_batch)
     rng = layout.put(np.asarray(rngs if layout.stacked else rngs[0]), layout.replicated)
@@ -59,7 +59,7 @@ def step_seconds(config: Config, devices: int, replicas: int, steps: int) -> dic
     state, _ = jax.block_until_ready(train_step(state, batch, rng))
     compile_s = time.perf_counter() - start
     samples = []
-    for _ in range(steps):
+    for _ in range(timed_steps):
         start = time.perf_counter()
         state, _ = jax.block_until_ready(train_step(state, batch, rng))
         samples.append(time.perf_counter() - start)

@@ -43,7 +43,7 @@ from benchmarks import floor
 from benchmarks.stats import summary
 from benchmarks import peer_reference as pr
 from benchmarks import torch_reference as tr
-from gonjax import train, xla, zoo
+from gonjax import steps, xla, zoo
 from gonjax.config import Config
 from gonjax.models import DECONV_IMPLS
 
@@ -203,11 +203,11 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
     torch_batches = [tr.nhwc(b).to(torch_device) for b in batches]
 
     model = zoo.build_model(config, c)
-    jax_optimizer = train.make_optimizer(config)
+    jax_optimizer = steps.make_optimizer(config)
     jax_batches = [jax.device_put(b) for b in batches]
-    state = train.create_train_state(model, jax_optimizer, jax.random.PRNGKey(0), jax_batches[0], variables)
+    state = steps.create_train_state(model, jax_optimizer, jax.random.PRNGKey(0), jax_batches[0], variables)
     options = xla.compiler_options(jax_device.platform) if args.xla_options == "gonjax" else None
-    train_fn, eval_fn = train.make_train_step(model, jax_optimizer), train.make_eval_step(model)
+    train_fn, eval_fn = steps.make_train_step(model, jax_optimizer), steps.make_eval_step(model)
     train_step = jax.jit(train_fn, donate_argnums=0, compiler_options=options)
     eval_step = jax.jit(eval_fn, compiler_options=options)
     key = jax.random.PRNGKey(0)

@@ -89,8 +89,11 @@ def build_parser(prog: str, description: str, model: str) -> argparse.ArgumentPa
 
 def add_eval_every_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=Config.eval_every, metavar="N",
-                        help="evaluate and checkpoint after every N-th epoch and at the end (default 1); the training "
-                             "is the same, the curves have fewer points and a kill loses up to N epochs")
+                        help="evaluate after every N-th epoch and at the end (default 1); the training is the same, "
+                             "the curves have fewer points")
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                        help="checkpoint after every N-th epoch and at the end (default: as --eval-every); a kill "
+                             "loses up to N epochs")
 
 
 def add_scale_flags(parser: argparse.ArgumentParser) -> None:

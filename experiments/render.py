@@ -19,7 +19,7 @@ from experiments.cli import STOP, OneLineParser, report_errors
 from gonjax import files, plots, render, resources, xla
 from gonjax.data import input_pipeline
 from gonjax.errors import UsageError
-from gonjax.train import load_run
+from gonjax.runs import load_run
 
 FIGURE_SIDE = 256  # the largest resolution drawn in the titled superres.png figure
 
@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def draw():
-        config, model, state, data_info = load_run(args.workdir)
+        run = load_run(args.workdir)
+        config, model, state, data_info = run.config, run.model, run.state, run.data_info
         if model.render is None:
             raise UsageError(f"{config.run_name} is not a function of coordinates; render needs an Implicit GON run")
         if args.resolution < 2 or not 1 <= args.n <= config.batch_size:

@@ -16,7 +16,8 @@ from experiments.cli import STOP, OneLineParser, report_errors
 from gonjax import files, plots, resources, xla
 from gonjax.data import input_pipeline
 from gonjax.errors import UsageError, stop_if_requested
-from gonjax.train import load_run, make_eval_step
+from gonjax.runs import load_run
+from gonjax.steps import make_eval_step
 
 
 def reconstructions(config, model, state, n: int, seed: int, should_stop=None):
@@ -61,7 +62,8 @@ def main(argv=None) -> int:
     def draw():
         if args.n < 1:
             raise UsageError("--n must be at least 1")
-        config, model, state, data_info = load_run(args.workdir)
+        run = load_run(args.workdir)
+        config, model, state, data_info = run.config, run.model, run.state, run.data_info
         kind = args.kind or ("samples" if model.sample else "reconstructions")
         out = args.out or Path(args.workdir) / f"{kind}_seed{args.seed}_n{args.n}.png"
         if out.exists():

@@ -8,7 +8,7 @@
 Each cell (and seed) trains an ordinary run folder RESULTS/<table>/<row>/<dataset>/seed<k>/ through the trainer,
 so rerunning the command continues where it stopped (Ctrl-C, kill) and never trains a finished cell again.
 A dataset that cannot be prepared marks its cells "no data" and the suite goes on. After every cell the report
-is rewritten: RESULTS/TABLES.md, RESULTS/results.json and the figures (gonjax.results).
+is rewritten: RESULTS/TABLES.md, RESULTS/results.json and the figures (experiments.suite).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from experiments import cli
-from gonjax import results
+from experiments import suite
 from gonjax.catalog import CHANNELS, DATASETS, SPLIT_SIZES
 from gonjax.config import Config
 from gonjax.errors import DataError, DivergedError, GonjaxError, RunInUseError, UsageError
@@ -33,7 +33,7 @@ def build_parser():
     parser.add_argument("--datasets", type=_names, default=None,
                         help=f"comma-separated datasets (default: every column; {', '.join(DATASETS)})")
     parser.add_argument("--rows", type=_names, default=None,
-                        help=f"comma-separated rows (default: all; {', '.join(results.ROW_NAMES)})")
+                        help=f"comma-separated rows (default: all; {', '.join(suite.ROW_NAMES)})")
     parser.add_argument("--seeds", type=cli.seed_list, default=[0], help="seeds of every cell, e.g. 0,1,2")
     parser.add_argument("--results", default="results", help="folder of the run folders and the report")
     parser.add_argument("--out", default=None,
@@ -54,8 +54,8 @@ def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _epochs_done(results_dir: Path, cell: results.Cell, target: int) -> int:
-    records = results.epoch_records(results.read_records(results_dir / results.run_folder(cell)), target)
+def _epochs_done(results_dir: Path, cell: suite.Cell, target: int) -> int:
+    records = suite.epoch_records(suite.read_records(results_dir / suite.run_folder(cell)), target)
     return int(records[-1]["epoch"]) if records else 0
 
 
@@ -64,20 +64,22 @@ def _jobs(cells, max_epochs):
     the cells it holds (Table 1's GON on MNIST to 500 epochs also gives the ablations' epoch 50)."""
     jobs: dict = {}
     for cell in cells:
-        folder, target = results.run_folder(cell), cell.target_epochs(max_epochs)
+        folder, target = suite.run_folder(cell), cell.target_epochs(max_epochs)
         if folder not in jobs or target > jobs[folder][2]:
             jobs[folder] = (jobs.get(folder, (cell,))[0], folder, target)
     return list(jobs.values())
 
 
-def run_cells(cells, results_dir: Path, max_epochs, data_flags: dict, write_report, eval_every: int = 1) -> int:
-    """Train every cell to its (capped) schedule, cell after cell, evaluating after every `eval_every`-th epoch;
+def run_cells(cells, results_dir: Path, max_epochs, data_flags: dict, write_report, eval_every: int = 1,
+              checkpoint_every: int | None = None) -> int:
+    """Train every cell to its (capped) schedule, cell after cell, evaluating after every `eval_every`-th epoch
+    and checkpointing after every `checkpoint_every`-th (default: as evaluating);
     the seeds of a cell that still need training train together in one program (gonjax.train.train_seeds).
     Returns how many runs failed."""
     from gonjax.data import input_pipeline  # TFDS only when something trains
     from gonjax.train import train_and_evaluate, train_seeds
 
-    status = results.read_status(results_dir)  # read once for "already reported"; written through update_status
+    status = suite.read_status(results_dir)  # read once for "already reported"; written through update_status
     prepared, failures = set(), 0
     jobs = _jobs(cells, max_epochs)
     groups: dict = {}  # (cell's folder without the seed, target) -> [(cell, folder, where, done)], in plan order
@@ -96,27 +98,28 @@ def run_cells(cells, results_dir: Path, max_epochs, data_flags: dict, write_repo
             except DataError as error:
                 if cell.dataset not in status["datasets"]:
                     print(f"{PROG}: {cell.dataset}: no data ({error}); its cells are marked so", file=sys.stderr)
-                status = results.update_status(results_dir, datasets={cell.dataset: str(error)})
+                status = suite.update_status(results_dir, datasets={cell.dataset: str(error)})
                 continue
             prepared.add(cell.dataset)
-            status = results.update_status(results_dir, datasets={cell.dataset: None})
+            status = suite.update_status(results_dir, datasets={cell.dataset: None})
         for _, _, where, done in group:
             print(f"{where}: training to epoch {target}/{cell.schedule_epochs} (at {done})", flush=True)
         folders = [str(folder) for _, folder, _, _ in group]
         try:
-            config = cell.config(epochs=target, eval_every=eval_every, **data_flags)
+            config = cell.config(epochs=target, eval_every=eval_every, checkpoint_every=checkpoint_every,
+                                 **data_flags)
             if len(group) == 1:
                 train_and_evaluate(config, results_dir / group[0][1], should_stop=cli.STOP.is_set)
             else:  # the seeds of one cell, stacked in one program
                 train_seeds(config, [c.seed for c, _, _, _ in group], results_dir / parent, should_stop=cli.STOP.is_set)
-            status = results.update_status(results_dir, runs=dict.fromkeys(folders))
+            status = suite.update_status(results_dir, runs=dict.fromkeys(folders))
         except RunInUseError as error:  # another queue trains this cell now: skip it, it has not failed
             print(f"{PROG}: {', '.join(folders)}: skipped, {error.path} is in use by {error.holder}", file=sys.stderr,
                   flush=True)
-            status = results.update_status(results_dir, runs=dict.fromkeys(folders))
+            status = suite.update_status(results_dir, runs=dict.fromkeys(folders))
         except (DivergedError, UsageError, DataError) as error:
             print(f"{PROG}: {', '.join(folders)}: {error}", file=sys.stderr, flush=True)
-            status = results.update_status(results_dir, runs=dict.fromkeys(folders, str(error)))
+            status = suite.update_status(results_dir, runs=dict.fromkeys(folders, str(error)))
             failures += len(folders)
         write_report()
     return failures
@@ -125,13 +128,13 @@ def run_cells(cells, results_dir: Path, max_epochs, data_flags: dict, write_repo
 def dry_run(cells, results_dir: Path, max_epochs, eval_every: int = 1) -> None:
     """Print the plan: every job with its epochs, how far it is, and the hours left at this machine's speed
     (the median of the run's last ten epochs once it has some, else a short measurement of its steps)."""
-    from gonjax.train import time_steps
+    from gonjax.steps import time_steps
 
     timings: dict = {}
     total = 0.0
     print(f"{'run folder':<44} {'epochs':>9} {'done':>5} {'s/epoch':>8} {'hours left':>10}")
     for cell, folder, target in _jobs(cells, max_epochs):
-        records = results.epoch_records(results.read_records(results_dir / folder), target)
+        records = suite.epoch_records(suite.read_records(results_dir / folder), target)
         done = int(records[-1]["epoch"]) if records else 0
         if done >= 1:  # the median epoch (training and evaluation) of the run's last ten
             recent = [(b["seconds"] - a["seconds"] + b["eval_seconds"]) / (b["epoch"] - a["epoch"])
@@ -139,7 +142,7 @@ def dry_run(cells, results_dir: Path, max_epochs, eval_every: int = 1) -> None:
             per_epoch, how = statistics.median(recent), "measured in the run"
         else:
             config = cell.config()
-            key = (results.run_key(cell), cell.dataset)
+            key = (suite.run_key(cell), cell.dataset)
             if key not in timings:
                 size = _image_size(config)
                 timings[key] = time_steps(config, (size, size, CHANNELS[cell.dataset]))
@@ -168,9 +171,9 @@ def main(argv=None) -> int:
     def action():
         if args.max_epochs is not None and args.max_epochs < 1:
             raise UsageError(f"--max-epochs must be at least 1, got {args.max_epochs}")
-        Config(eval_every=args.eval_every).validate()  # once here, not once per cell
+        Config(eval_every=args.eval_every, checkpoint_every=args.checkpoint_every).validate()  # once, not per cell
         tables = None if args.table is None else [t if t == "ablations" else f"table{t}" for t in args.table]
-        cells = results.plan(tables, args.datasets, args.rows, args.seeds)
+        cells = suite.plan(tables, args.datasets, args.rows, args.seeds)
         results_dir = Path(args.results)
         if args.dry_run:
             dry_run(cells, results_dir, args.max_epochs, args.eval_every)
@@ -186,7 +189,7 @@ def main(argv=None) -> int:
         command = " ".join([PROG, *map(shlex.quote, argv)])
 
         def write_report():
-            return results.write_report(cells, results_dir, args.out, max_epochs=args.max_epochs, command=command)
+            return suite.write_report(cells, results_dir, args.out, max_epochs=args.max_epochs, command=command)
 
         failures = 0
         if args.report:
@@ -194,7 +197,8 @@ def main(argv=None) -> int:
         else:
             data_flags = {"data_dir": args.data_dir, "manual_dir": args.manual_dir}
             try:
-                failures = run_cells(cells, results_dir, args.max_epochs, data_flags, write_report, args.eval_every)
+                failures = run_cells(cells, results_dir, args.max_epochs, data_flags, write_report, args.eval_every,
+                                     args.checkpoint_every)
             finally:  # also on Ctrl-C: the report shows how far every cell got
                 read = write_report()
         counts = {}

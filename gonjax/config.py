@@ -42,7 +42,7 @@ def _has_type(value, annotation: str) -> bool:
 
 # Fields that may change when a run is resumed; every other field must match the saved config.json.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "data_dir", "manual_dir", "keep_checkpoints", "devices",
-                               "eval_every",  # when the run looks at itself, not what it trains
+                               "eval_every", "checkpoint_every",  # when the run looks at itself, not what it trains
                                "deconv_impl", "kernels", "origin_shortcut"})  # the same function computed another way
 
 
@@ -75,7 +75,8 @@ class Config:
     kernels: str = "xla_cpu"  # "autodiff": JAX's own primitives only, for jvp / linearize / hessian (gonjax.kernels)
     origin_shortcut: bool = True  # inner pass at z0 = 0 from one decoded example (gonjax.origin.origin_gradient)
     eval_batches: int | None = None  # evaluate on the first N batches of each split only (default: full passes)
-    eval_every: int = 1  # evaluate (and checkpoint) after every N-th epoch and at the run's end; training unchanged
+    eval_every: int = 1  # evaluate after every N-th epoch and at the run's end; training unchanged
+    checkpoint_every: int | None = None  # checkpoint after every N-th epoch and at the end; None: as eval_every
     devices: int | None = None  # devices the batch is split over (gonjax.parallel); None: every device
     # Variants of the origin step (docs/spec.md "Variants"; gon, vgon, implicit_gon). Defaults are the spec's.
     latent_updates: int = 1  # N updates z <- z - latent_step_size * grad L_in(z), each differentiable
@@ -102,6 +103,11 @@ class Config:
                 object.__setattr__(self, name, defaults[name])
 
     @property
+    def checkpoint_cadence(self) -> int:
+        """Epochs between checkpoints: checkpoint_every, or eval_every when that is None."""
+        return self.eval_every if self.checkpoint_every is None else self.checkpoint_every
+
+    @property
     def run_name(self) -> str:
         """Model name as used in run folders and tables, e.g. `gon_detached`."""
         return f"{self.model}_detached" if self.detach else self.model
@@ -116,7 +122,7 @@ class Config:
             raise UsageError(f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "nz": self.nz, "ngf": self.ngf,
                     "keep_checkpoints": self.keep_checkpoints, "eval_every": self.eval_every}
-        for name in ("max_steps", "eval_batches", "devices"):
+        for name in ("max_steps", "eval_batches", "devices", "checkpoint_every"):
             if getattr(self, name) is not None:
                 positive[name] = getattr(self, name)
         for name, value in positive.items():

@@ -28,12 +28,18 @@ Everything here is pure; callers jit it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 
-Fit = Callable[[Any, Any, jax.Array, Any, jax.Array], tuple[jax.Array, tuple[Any, Any]]]
+
+class Fit(Protocol):
+    """A fit function: scores latents `z` (B, nz) against `batch` and returns the loss (a scalar to minimise),
+    the model state after the pass and what the model produced from `z` (e.g. the reconstruction)."""
+
+    def __call__(self, params: Any, state: Any, z: jax.Array, batch: Any,
+                 rng: jax.Array) -> tuple[jax.Array, tuple[Any, Any]]: ...
 
 
 class OriginResult(NamedTuple):

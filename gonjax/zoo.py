@@ -34,14 +34,24 @@ class Model:
 
     init(rng, batch) -> {"params": ..., "batch_stats": ...}
     apply(params, batch_stats, batch, rng, step=0) -> (loss, (batch_stats, ModelOutput))
+    encode(params, batch_stats, images, rng) -> latents (n, nz) of a batch of images: the origin step's latent
+        (GON, Implicit GON), the mean of q(z | x) (V-GON: of the heads at the origin step's latent; VAE), or the
+        encoder's output (AE)
+    decode(params, batch_stats, latents) -> images (n, H, W, C) decoded from latents, BN over the n latents
     sample(params, batch_stats, rng, n) -> n images from the prior, or None for models without one
     render(params, batch_stats, latents, coords) -> (n, P, C) pixel values at coordinates (P, 2), for models
         that are functions of coordinates (gonjax.render tiles a grid of any resolution into such calls)
+
+    A GON's latent is a function of the whole batch, not of one image: the decoder's batch norm normalises with
+    the batch's statistics in the inner pass too (GON-SPEC 3), so encode the images in the batches (of the
+    training batch size) they should be seen in. The Implicit GON has no batch norm: its latents are per image.
     """
 
     name: str
     init: Callable[[jax.Array, jax.Array], dict[str, Any]]
     apply: Callable[..., tuple[jax.Array, tuple[Any, ModelOutput]]]
+    encode: Callable[..., jax.Array] | None = None
+    decode: Callable[..., jax.Array] | None = None
     sample: Callable[..., jax.Array] | None = None
     render: Callable[..., jax.Array] | None = None
     image_size: int = 32  # side of the square images the model reads and writes
@@ -128,14 +138,32 @@ def _origin_metrics(result: origin.OriginResult) -> dict[str, jax.Array]:
     return metrics
 
 
-def _prior_sampler(module):
-    """n images decoded from z ~ N(0, I), BN over the n samples (GON-SPEC 4.6)."""
+def _module_decoder(module):
+    """decode(params, batch_stats, z): `module.decode`, the conv decoder fed the latents straight, BN over them."""
 
-    def sample(params, batch_stats, rng, n):
-        z = jax.random.normal(rng, (n, module.nz))
+    def decode(params, batch_stats, z):
         return _stateful_apply(module, module_params(params), batch_stats, z, method=module.decode)[0]
 
+    return decode
+
+
+def _prior_sampler(module):
+    """n images decoded from z ~ N(0, I), BN over the n samples (GON-SPEC 4.6)."""
+    decode = _module_decoder(module)
+
+    def sample(params, batch_stats, rng, n):
+        return decode(params, batch_stats, jax.random.normal(rng, (n, module.nz)))
+
     return sample
+
+
+def _latent_of(apply):
+    """encode(params, batch_stats, images, rng) of an origin-step model: the latent its `apply` reaches."""
+
+    def encode(params, batch_stats, images, rng):
+        return apply(params, batch_stats, images, rng)[1][1].latent
+
+    return encode
 
 
 def gon(config: Config, nc: int) -> Model:
@@ -164,7 +192,10 @@ def gon(config: Config, nc: int) -> Model:
         variables = decoder.init(rng, jnp.zeros((images.shape[0], nz), images.dtype))
         return _with_learned_origin(config, variables, nz, images.dtype)
 
-    return Model(name=config.run_name, init=init, apply=apply)
+    def decode_latents(params, batch_stats, z):
+        return _stateful_apply(decoder, module_params(params), batch_stats, z)[0]
+
+    return Model(name=config.run_name, init=init, apply=apply, encode=_latent_of(apply), decode=decode_latents)
 
 
 def _origin_fits(config: Config, decode, spec_loss, pointwise: origin.Pointwise | None = None
@@ -217,7 +248,20 @@ def vgon(config: Config, nc: int) -> Model:
         z0 = jnp.zeros((images.shape[0], nz), images.dtype)
         return _with_learned_origin(config, function.init(rng, z0, z0), nz, images.dtype)
 
-    return Model(name=config.run_name, init=init, apply=apply, sample=_prior_sampler(function))
+    origin_latent = _latent_of(apply)
+
+    def encode(params, batch_stats, images, rng):
+        z = origin_latent(params, batch_stats, images, rng)
+        (mu, _), _ = _stateful_apply(function, module_params(params), batch_stats, z, method=_heads)
+        return mu
+
+    return Model(name=config.run_name, init=init, apply=apply, encode=encode, decode=_module_decoder(function),
+                 sample=_prior_sampler(function))
+
+
+def _heads(module, h):
+    """(mu, logvar) of a variational module's Gaussian heads (a `method` for `module.apply`)."""
+    return module.heads(h)
 
 
 def ae(config: Config, nc: int) -> Model:
@@ -230,7 +274,11 @@ def ae(config: Config, nc: int) -> Model:
         metrics = reconstruction_metrics(reconstruction, images)
         return metrics["loss"], (batch_stats, ModelOutput(reconstruction, metrics))
 
-    return Model(name=config.run_name, init=lambda rng, images: dict(module.init(rng, images)), apply=apply)
+    def encode(params, batch_stats, images, rng):
+        return _stateful_apply(module, params, batch_stats, images, method=lambda m, x: m.encoder(x))[0]
+
+    return Model(name=config.run_name, init=lambda rng, images: dict(module.init(rng, images)), apply=apply,
+                 encode=encode, decode=_module_decoder(module))
 
 
 def vae_noise(rng: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
@@ -253,7 +301,12 @@ def vae(config: Config, nc: int) -> Model:
     def init(rng, images):
         return dict(module.init(rng, images, jnp.zeros((images.shape[0], nz), images.dtype)))
 
-    return Model(name=config.run_name, init=init, apply=apply, sample=_prior_sampler(module))
+    def encode(params, batch_stats, images, rng):
+        (mu, _), _ = _stateful_apply(module, params, batch_stats, images, method=lambda m, x: _heads(m, m.encoder(x)))
+        return mu
+
+    return Model(name=config.run_name, init=init, apply=apply, encode=encode, decode=_module_decoder(module),
+                 sample=_prior_sampler(module))
 
 
 def siren_for(config: Config, nc: int) -> Siren:
@@ -311,7 +364,12 @@ def implicit_gon(config: Config, nc: int) -> Model:
         variables = {"params": variables["params"], "batch_stats": variables.get("constants", {})}
         return _with_learned_origin(config, variables, nz, images.dtype)
 
-    return Model(name=config.run_name, init=init, apply=apply, render=render, image_size=size,
+    def decode_latents(params, state, latents):
+        pixels = render(params, state, latents, coordinate_grid(size, latents.dtype))
+        return pixels.reshape(latents.shape[0], size, size, -1)
+
+    return Model(name=config.run_name, init=init, apply=apply, encode=_latent_of(apply), decode=decode_latents,
+                 render=render, image_size=size,
                  table_metric="mse", latent_bank_batches=100)
 
 

@@ -20,7 +20,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
-from gonjax import parallel, train, zoo
+from gonjax import parallel, steps, zoo
 from gonjax.config import Config
 
 TINY = dict(dataset="coil20", ngf=4, batch_size=8, epochs=1)
@@ -58,7 +58,7 @@ def _float64_state(model, optimizer, seed: int, images):
             return x + 0.1 * jax.random.normal(jax.random.fold_in(rng, 1 + paths.index(name)), x.shape, x.dtype)
 
         variables = {**variables, "params": jax.tree_util.tree_map_with_path(moved, variables["params"])}
-        return train.create_train_state(model, optimizer, rng, images, variables)
+        return steps.create_train_state(model, optimizer, rng, images, variables)
 
     return create(jax.random.PRNGKey(seed), images)
 
@@ -125,7 +125,7 @@ def compare(actual: dict, expected: dict, prefix: str) -> dict[str, float]:
 def _one_step(model, optimizer):
     """step(state, batch, rng) -> ((grads, loss, BN state, output) of the loss, the trainer's train step, its eval
     step): one function, so one compilation per device count."""
-    train_step, eval_step = train.make_train_step(model, optimizer), train.make_eval_step(model)
+    train_step, eval_step = steps.make_train_step(model, optimizer), steps.make_eval_step(model)
 
     def step(state, batch, rng):
         step_rng = jax.random.fold_in(rng, state.step)
@@ -149,7 +149,7 @@ def traced_once(fn, *args):
 def _setup(name: str):
     config = _config(name)
     model = zoo.build_model(config, 1)
-    return config, model, train.make_optimizer(config), model.image_size
+    return config, model, steps.make_optimizer(config), model.image_size
 
 
 def devices_check(name: str) -> dict[str, float]:
@@ -173,7 +173,7 @@ def devices_check(name: str) -> dict[str, float]:
         errors[f"{devices} devices: bias-before-BN gradient / largest gradient"] = bias_noise(sharded[0][0])
     # No recompilation across steps on a mesh (the trainer's step, placed as the trainer places it).
     layout = parallel.make_layout(4, config.batch_size)
-    counted = _jit(chex.assert_max_traces(train.make_train_step(model, optimizer), n=1), donate_argnums=0,
+    counted = _jit(chex.assert_max_traces(steps.make_train_step(model, optimizer), n=1), donate_argnums=0,
                       in_shardings=(layout.state, layout.train_batch, layout.replicated),
                       out_shardings=(layout.state, layout.replicated))
     placed = jax.device_put(state, layout.state)
@@ -198,7 +198,7 @@ def seeds_check(name: str) -> dict[str, float]:
                     for st, b, r in zip(states, batches, rngs)]
         layout = parallel.make_layout(devices, config.batch_size, replicas=len(seeds))
         assert layout.stacked and layout.mesh.shape["replica"] == (1 if devices == 1 else 2)
-        stacked_train, stacked_eval, _ = train._TrainLoop(model, optimizer, None, 1, 1, None)._compile(layout)
+        stacked_train, stacked_eval, _ = steps.build_steps(model, optimizer, layout)
         stack = lambda trees: jax.tree_util.tree_map(lambda *x: jnp.stack(x), *trees)  # noqa: E731
         state = jax.device_put(stack(states), layout.state)
         rng = layout.put(np.stack(rngs), layout.replicated)

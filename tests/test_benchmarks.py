@@ -84,7 +84,7 @@ def test_epoch_benchmark_sides_process_the_same_images_and_compute_the_same_epoc
 
     from benchmarks import epoch_time
     from benchmarks import torch_reference as tr
-    from gonjax import train
+    from gonjax import steps
     from gonjax.data import input_pipeline
     from gonjax.zoo import build_model
 
@@ -100,7 +100,7 @@ def test_epoch_benchmark_sides_process_the_same_images_and_compute_the_same_epoc
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     model = build_model(config, 1)
     init_rng = jax.random.split(jax.random.PRNGKey(config.seed), 4)[0]  # the trainer's init key (gonjax.train)
-    state = train.create_train_state(model, train.make_optimizer(config, 18), init_rng, jnp.zeros((64, 32, 32, 1)))
+    state = steps.create_train_state(model, steps.make_optimizer(config, 18), init_rng, jnp.zeros((64, 32, 32, 1)))
     module = tr.load_flax_variables(epoch_time.torch_module("gon", config, 1),
                                     {"params": state.params, "batch_stats": state.batch_stats})
     for split, images in (("train", data.train), ("test", data.test)):

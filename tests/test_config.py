@@ -4,7 +4,8 @@ import json
 import pytest
 
 from experiments import cli
-from gonjax import results, zoo
+from experiments import suite
+from gonjax import zoo
 from gonjax.catalog import DATASETS
 from gonjax.config import MODEL_NAMES, Config
 from gonjax.errors import UsageError
@@ -40,7 +41,7 @@ def test_cli_and_suite_build_the_library_config(model):
     for dataset in DATASETS:
         assert cli.config_from_args(parser.parse_args(["--dataset", dataset]), model) == \
             Config(model=model, dataset=dataset)
-    for cell in results.plan():
+    for cell in suite.plan():
         if cell.row.model == model and not cell.row.settings and cell.row.epochs is None:
             assert cell.config() == Config(model=model, dataset=cell.dataset)
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_main
-from gonjax import train
+from gonjax import checkpoints, train
 from gonjax.config import Config
 from gonjax.data import input_pipeline
 from gonjax.errors import DataError, UsageError
@@ -49,7 +49,7 @@ def test_a_second_process_on_a_run_folder_is_refused_and_a_dead_holder_does_not_
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys, time
             from gonjax.config import Config
-            from gonjax.train import RunDir
+            from gonjax.rundir import RunDir
             run = RunDir({str(tmp_path / 'run')!r}, Config.load({str(tmp_path / 'config.json')!r}))
             print("holding", flush=True)
             time.sleep(600)
@@ -148,15 +148,15 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_rerun_resumes(shared_data
     def nearly_full(path):  # room for the checkpoint of step 0 only
         return Usage(usage(path).total, 0, 1000 if (run / "checkpoints" / "0").exists() else 10**9)
 
-    monkeypatch.setattr(train.shutil, "disk_usage", nearly_full)
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", nearly_full)
     _one_line(run_main("gon", *args), "no space left", "step 1 ")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["0"]
 
     def failing_save(*_, **__):  # the write itself runs out of space (tensorstore's error)
         raise ValueError('RESOURCE_EXHAUSTED: Error writing "params": No space left on device [os_error_code=28]')
 
-    monkeypatch.setattr(train.shutil, "disk_usage", usage)
-    monkeypatch.setattr(train.ocp.CheckpointManager, "save", failing_save)
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", usage)
+    monkeypatch.setattr(checkpoints.ocp.CheckpointManager, "save", failing_save)
     _one_line(run_main("gon", *args), "no space left", "step 1 ")
     monkeypatch.undo()
 

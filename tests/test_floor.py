@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from benchmarks import floor
-from gonjax import train, zoo
+from gonjax import steps, zoo
 from gonjax.config import Config
 
 
@@ -65,7 +65,7 @@ def test_autoencoder_evaluation_floor_is_its_architecture():
     config = Config(model="ae", ngf=ngf, nz=nz)
     model = zoo.build_model(config, 1)
     images = jnp.asarray(np.random.default_rng(0).uniform(size=(b, 32, 32, 1)), jnp.float32)
-    state = train.create_train_state(model, train.make_optimizer(config), jax.random.PRNGKey(0), images)
+    state = steps.create_train_state(model, steps.make_optimizer(config), jax.random.PRNGKey(0), images)
     # (output pixels per image, Cout, Cin * 16): each 4x4 conv / transposed conv's true work
     encoder = [(16 * 16, ngf, 1 * 16), (8 * 8, 2 * ngf, ngf * 16), (4 * 4, 4 * ngf, 2 * ngf * 16),
                (1, nz, 4 * ngf * 16)]
@@ -73,5 +73,5 @@ def test_autoencoder_evaluation_floor_is_its_architecture():
     conv_flops = sum(2 * b * pixels * cout * fan_in for pixels, cout, fan_in in encoder + decoder)
     bn = [(16 * 16, ngf), (8 * 8, 2 * ngf), (4 * 4, 4 * ngf)] * 2  # encoder bn1-3, decoder bn3-1
     bn_flops = sum(2 * 2 * b * pixels * c for pixels, c in bn)
-    found = floor.contractions(train.make_eval_step(model), state, images, jax.random.PRNGKey(0))
+    found = floor.contractions(steps.make_eval_step(model), state, images, jax.random.PRNGKey(0))
     assert sum(op.flops for op in found) == conv_flops + bn_flops

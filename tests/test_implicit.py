@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gonjax import render, train, zoo
+from gonjax import render, steps, zoo
 from gonjax.config import Config
 from gonjax.models import Siren, coordinate_grid, count_params
 
@@ -110,10 +110,10 @@ def test_gaussian_fit_and_samples_have_the_right_moments():
 
 def test_latent_bank_keeps_the_latents_of_recent_batches(tiny_implicit):
     config, model, images = tiny_implicit
-    optimizer = train.make_optimizer(config)
-    state = train.create_train_state(model, optimizer, jax.random.PRNGKey(0), images)
+    optimizer = steps.make_optimizer(config)
+    state = steps.create_train_state(model, optimizer, jax.random.PRNGKey(0), images)
     assert state.latent_bank.shape == (100 * 4, 32)
-    step = jax.jit(train.make_train_step(model, optimizer))
+    step = jax.jit(steps.make_train_step(model, optimizer))
     rng = jax.random.PRNGKey(7)
     expected = []
     for i in range(2):
@@ -128,7 +128,7 @@ def test_latent_bank_keeps_the_latents_of_recent_batches(tiny_implicit):
 
 def test_learning_rate_drops_at_the_given_epoch():
     config = Config(model="implicit_gon", lr=1e-4, lr_drop_epoch=2, lr_drop_to=5e-5)
-    optimizer = train.make_optimizer(config, steps_per_epoch=3)
+    optimizer = steps.make_optimizer(config, steps_per_epoch=3)
     params = {"w": jnp.zeros(())}
     state = optimizer.init(params)
     moves = []

@@ -17,7 +17,7 @@ import torch
 
 from benchmarks import peer_reference as pr
 from benchmarks import torch_reference as tr
-from gonjax import train, zoo
+from gonjax import steps, zoo
 from gonjax.config import Config
 from gonjax.data import input_pipeline
 
@@ -99,12 +99,12 @@ def _jax_step(config, variables, images, key):
     """gonjax in float64 from ported variables: loss, output and gradients at `key`, and the state after one
     training step (whose step key, fold_in(key, 0), is the same key)."""
     model = zoo.build_model(config, images.shape[-1])
-    optimizer = train.make_optimizer(config)
+    optimizer = steps.make_optimizer(config)
     x = jnp.asarray(images)
-    state = train.create_train_state(model, optimizer, key, x, variables)
+    state = steps.create_train_state(model, optimizer, key, x, variables)
     (loss, (_, output)), grads = jax.jit(jax.value_and_grad(model.apply, has_aux=True))(
         state.params, state.batch_stats, x, jax.random.fold_in(key, 0))
-    new_state, _ = jax.jit(train.make_train_step(model, optimizer))(state, x, key)
+    new_state, _ = jax.jit(steps.make_train_step(model, optimizer))(state, x, key)
     return loss, output, grads, new_state
 
 
@@ -225,9 +225,9 @@ def _float32_losses(model: str, batches: np.ndarray) -> tuple[np.ndarray, np.nda
         torch_losses.append(float(step.loss))
 
     gonjax_model = zoo.build_model(config, 1)
-    jax_optimizer = train.make_optimizer(config)
-    state = train.create_train_state(gonjax_model, jax_optimizer, key, jnp.asarray(batches[0]), variables)
-    train_step = jit_for_speed(train.make_train_step(gonjax_model, jax_optimizer), donate_argnums=0)
+    jax_optimizer = steps.make_optimizer(config)
+    state = steps.create_train_state(gonjax_model, jax_optimizer, key, jnp.asarray(batches[0]), variables)
+    train_step = jit_for_speed(steps.make_train_step(gonjax_model, jax_optimizer), donate_argnums=0)
     jax_losses = []
     for images in batches:
         state, metrics = train_step(state, jnp.asarray(images), key)
@@ -238,8 +238,8 @@ def _float32_losses(model: str, batches: np.ndarray) -> tuple[np.ndarray, np.nda
 @pytest.fixture(scope="module")
 def fashion_train_batches(shared_data, tfds_dir) -> np.ndarray:
     data = input_pipeline.load_dataset("fashion_mnist", 32, tfds_dir, shared_data)
-    steps = max(steps for steps, _, _ in FLOAT32_CURVES.values())  # the batches a curve needs, not the epoch's 937
-    return np.stack(list(itertools.islice(input_pipeline.train_batches(data.train, 64, seed=0, epoch=0), steps)))
+    needed = max(n for n, _, _ in FLOAT32_CURVES.values())  # the batches a curve needs, not the epoch's 937
+    return np.stack(list(itertools.islice(input_pipeline.train_batches(data.train, 64, seed=0, epoch=0), needed)))
 
 
 # model: (steps, first-step rtol, window rtol), bounds about 4x the relative differences measured on this

@@ -1,4 +1,4 @@
-"""The results suite's plan and report (gonjax.results), against hand-written expectations of GON-SPEC 8 and 9
+"""The results suite's plan and report (experiments.suite), against hand-written expectations of GON-SPEC 8 and 9
 and a fixture results folder of hand-written metrics.jsonl files."""
 import json
 import shutil
@@ -9,7 +9,8 @@ from collections import Counter
 
 import pytest
 
-from gonjax import results
+from conftest import REPO
+from experiments import suite
 from gonjax.errors import UsageError
 
 # GON-SPEC 8 and 9, written out by hand: (table, row) -> (datasets, epochs per dataset, Config fields).
@@ -36,7 +37,7 @@ EXPECTED_ROWS = {
 
 
 def test_plan_lists_exactly_the_spec_cells():
-    cells = results.plan(seeds=[0, 1])
+    cells = suite.plan(seeds=[0, 1])
     assert Counter(c.row.table for c in cells) == {"table1": 48, "table2": 6, "table3": 24, "ablations": 14}
     assert len({(c.row.table, c.row.name, c.dataset, c.seed) for c in cells}) == len(cells) == 92
     by_row = {}
@@ -56,7 +57,7 @@ def test_plan_lists_exactly_the_spec_cells():
 
 def test_plan_schedules_and_rates_of_gon_spec_5():
     def config(table, row, dataset):
-        return next(c for c in results.plan([table], [dataset], [row])).config()
+        return next(c for c in suite.plan([table], [dataset], [row])).config()
 
     assert config("table2", "implicit_gon", "mnist").epochs == 100
     assert config("table2", "implicit_gon", "fashion_mnist").epochs == 100
@@ -65,24 +66,24 @@ def test_plan_schedules_and_rates_of_gon_spec_5():
     assert config("table3", "vgon", "coil20").lr == 1e-3
     assert config("table3", "vgon", "mnist").lr == 2e-4
     assert config("table1", "gon", "cifar10").lr == 2e-4
-    assert [c.j for c in results.plan(["table1"], ["coil20"], ["gon", "gon_16_512"])] == [(1.378, 2.597), None]
-    assert next(iter(results.plan(["table3"], ["cifar10"], ["vae"]))).j == (35.18, 35.62)
+    assert [c.j for c in suite.plan(["table1"], ["coil20"], ["gon", "gon_16_512"])] == [(1.378, 2.597), None]
+    assert next(iter(suite.plan(["table3"], ["cifar10"], ["vae"]))).j == (35.18, 35.62)
 
 
 def test_plan_filters_and_refuses_unknown_names():
-    cells = results.plan(["table1"], ["coil20"], ["gon"], seeds=[0, 1, 2])
+    cells = suite.plan(["table1"], ["coil20"], ["gon"], seeds=[0, 1, 2])
     assert [(c.row.name, c.dataset, c.seed) for c in cells] == [("gon", "coil20", s) for s in (0, 1, 2)]
     with pytest.raises(UsageError, match="unknown row 'gonn'"):
-        results.plan(rows=["gonn"])
+        suite.plan(rows=["gonn"])
     with pytest.raises(UsageError, match="unknown dataset"):
-        results.plan(datasets=["svhn"])
+        suite.plan(datasets=["svhn"])
     with pytest.raises(UsageError, match="no cell"):
-        results.plan(["table2"], ["cifar10"])
+        suite.plan(["table2"], ["cifar10"])
 
 
 def test_identical_computations_share_one_run_folder():
-    cells = results.plan(seeds=[1])
-    folders = {(c.row.table, c.row.name, c.dataset): str(results.run_folder(c)) for c in cells}
+    cells = suite.plan(seeds=[1])
+    folders = {(c.row.table, c.row.name, c.dataset): str(suite.run_folder(c)) for c in cells}
     assert folders["ablations", "elu", "mnist"] == folders["ablations", "sigma_0", "mnist"] == "table1/gon/mnist/seed1"
     assert folders["ablations", "relu", "mnist"] == "ablations/relu/mnist/seed1"
     assert folders["table1", "gon_detached", "coil20"] == "table1/gon_detached/coil20/seed1"
@@ -114,7 +115,7 @@ def fixture_results(tmp_path):
     _write_run(tmp_path, "ablations/relu/mnist/seed0",
                [(e, 937 * e, 20.0 / (e + 1), 21.0 / (e + 1), 0.02 / (e + 1), 0.021 / (e + 1), 10.0 * e, 3.0)
                 for e in range(51)])
-    (tmp_path / results.STATUS_FILE).write_text(json.dumps({"datasets": {"cifar10": "no official cifar10 files"}}))
+    (tmp_path / suite.STATUS_FILE).write_text(json.dumps({"datasets": {"cifar10": "no official cifar10 files"}}))
     return tmp_path
 
 
@@ -123,8 +124,8 @@ def _by_cell(read):
 
 
 def test_report_reads_cells_seeds_partial_epochs_and_missing_data(fixture_results):
-    cells = results.plan(["table1", "ablations"], ["coil20", "cifar10", "mnist"], ["gon", "ae", "elu", "relu"])
-    read = _by_cell(results.collect(cells, fixture_results))
+    cells = suite.plan(["table1", "ablations"], ["coil20", "cifar10", "mnist"], ["gon", "ae", "elu", "relu"])
+    read = _by_cell(suite.collect(cells, fixture_results))
     # Seeds 1 and 2 exist on disk only: the report finds them.
     for seed, (train, test) in enumerate([(1.3, 2.5), (1.4, 2.7), (1.5, 2.6)]):
         gon = read["gon", "coil20", seed]
@@ -140,18 +141,18 @@ def test_report_reads_cells_seeds_partial_epochs_and_missing_data(fixture_result
     assert elu.train == pytest.approx(0.01 / 51) and elu.test == pytest.approx(0.011 / 51)
     assert read["relu", "mnist", 0].train == pytest.approx(0.02 / 51)
 
-    summaries = {(s.row.name, s.dataset): s for s in results.summarize(list(read.values()))}
+    summaries = {(s.row.name, s.dataset): s for s in suite.summarize(list(read.values()))}
     gon = summaries["gon", "coil20"]
     assert gon.seeds == 3 and gon.epoch == 500
     assert gon.train[0] == pytest.approx(1.4) and gon.train[1] == pytest.approx(statistics.stdev([1.3, 1.4, 1.5]))
     assert gon.test[0] == pytest.approx(2.6) and gon.test[1] == pytest.approx(0.1)
     assert gon.difference() == pytest.approx(((1.4 - 1.378) / 1.378, (2.6 - 2.597) / 2.597))
-    text = results.format_cell(gon)
+    text = suite.format_cell(gon)
     assert "**1.4 ± 0.1 / 2.6 ± 0.1**" in text and "J 1.378 / 2.597" in text and "+2% / +0%" in text
     assert "500/500 ep, 1.0 h, 3 seeds" in text
-    assert "212/500 ep" in results.format_cell(summaries["ae", "coil20"])
-    assert "no data" in results.format_cell(summaries["gon", "cifar10"])
-    assert "not run" in results.format_cell(summaries["ae", "mnist"])
+    assert "212/500 ep" in suite.format_cell(summaries["ae", "coil20"])
+    assert "no data" in suite.format_cell(summaries["gon", "cifar10"])
+    assert "not run" in suite.format_cell(summaries["ae", "mnist"])
 
 
 def test_write_report_files(fixture_results, tmp_path_factory):
@@ -160,8 +161,8 @@ def test_write_report_files(fixture_results, tmp_path_factory):
         (fixture_results / f"table1/gon/coil20/seed0/recon_{epoch}.png").write_bytes(b"epoch %d" % epoch)
     for epoch in (150, 200, 250):  # ... or the latest drawn before it (the AE cell is at epoch 212)
         (fixture_results / f"table1/ae/coil20/seed0/recon_{epoch}.png").write_bytes(b"epoch %d" % epoch)
-    cells = results.plan(["table1", "ablations"], ["coil20", "cifar10", "mnist"], ["gon", "ae", "elu", "relu"])
-    results.write_report(cells, fixture_results, out)
+    cells = suite.plan(["table1", "ablations"], ["coil20", "cifar10", "mnist"], ["gon", "ae", "elu", "relu"])
+    suite.write_report(cells, fixture_results, out)
     assert sorted(p.name for p in (out / "pictures").iterdir()) == ["table1_ae_coil20.png", "table1_gon_coil20.png"]
     assert (out / "pictures/table1_gon_coil20.png").read_bytes() == b"epoch 500"
     assert (out / "pictures/table1_ae_coil20.png").read_bytes() == b"epoch 200"
@@ -181,10 +182,12 @@ def test_write_report_files(fixture_results, tmp_path_factory):
     assert not (out / "table3.png").exists()
 
 
-def test_plans_and_models_do_not_import_tfds():
-    code = ("import sys, gonjax.zoo, gonjax.results, gonjax.catalog; "
-            "assert 'tensorflow_datasets' not in sys.modules, 'TFDS imported'")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+def test_plans_models_and_inference_import_no_tfds_matplotlib_or_tqdm():
+    code = ("import sys, gonjax, gonjax.zoo, gonjax.runs, gonjax.steps, gonjax.catalog, experiments.suite; "
+            "gonjax.load_run, gonjax.Config, gonjax.build_steps; "
+            "heavy = [m for m in ('tensorflow_datasets', 'matplotlib', 'tqdm') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
 
 
@@ -193,28 +196,28 @@ def test_report_elsewhere_archives_runs_and_never_drops_a_measurement(fixture_re
     gone (a replaced machine) the next report reads the archive, then the earlier results.json, marked so."""
     out = tmp_path_factory.mktemp("committed")
     (fixture_results / "table1/gon/coil20/seed0/config.json").write_text('{"model": "gon"}\n')
-    cells = results.plan(["table1"], ["coil20"], ["gon", "ae"])
-    results.write_report(cells, fixture_results, out)
-    archived = out / results.ARCHIVE / "table1/gon/coil20/seed0"
+    cells = suite.plan(["table1"], ["coil20"], ["gon", "ae"])
+    suite.write_report(cells, fixture_results, out)
+    archived = out / suite.ARCHIVE / "table1/gon/coil20/seed0"
     assert (archived / "config.json").read_text() == '{"model": "gon"}\n'
     assert (archived / "metrics.jsonl").read_text() == (fixture_results / "table1/gon/coil20/seed0/metrics.jsonl"
                                                        ).read_text()
-    assert not list((out / results.ARCHIVE).rglob("checkpoints"))
+    assert not list((out / suite.ARCHIVE).rglob("checkpoints"))
 
     # The machine is replaced: no run folders; seed 2's archive is lost too; the AE cell restarts at epoch 5.
-    shutil.rmtree(out / results.ARCHIVE / "table1/gon/coil20/seed2")
+    shutil.rmtree(out / suite.ARCHIVE / "table1/gon/coil20/seed2")
     fresh = tmp_path_factory.mktemp("fresh")
     _write_run(fresh, "table1/ae/coil20/seed0", [(0, 0, 60.0, 61.0, 0.06, 0.06, 0.0, 1.0),
                                                 (5, 90, 9.0, 9.5, 0.009, 0.009, 20.0, 1.0)])
     written = json.loads((out / "results.json").read_text())["written"]
     for _ in range(2):  # a second report still carries seed 2 with the date of the report that measured it
-        read = _by_cell(results.write_report(cells, fresh, out))
+        read = _by_cell(suite.write_report(cells, fresh, out))
         assert [(read["gon", "coil20", s].train, read["gon", "coil20", s].source) for s in range(3)] == \
             [(1.3, ""), (1.4, ""), (1.5, f"report of {written}")]
         assert len(read["gon", "coil20", 0].curve) == 3 and read["gon", "coil20", 2].curve == ((500, 1.5, 2.6),)
         ae = read["ae", "coil20", 0]
         assert (ae.epoch, ae.train, ae.source) == (212, 2.0, "")  # the archive reaches further than the restart
-        assert json.loads((out / results.ARCHIVE / "table1/ae/coil20/seed0/metrics.jsonl").read_text()
+        assert json.loads((out / suite.ARCHIVE / "table1/ae/coil20/seed0/metrics.jsonl").read_text()
                           .splitlines()[1])["epoch"] == 212  # and is not shortened by it
     table = (out / "TABLES.md").read_text()
     assert "**1.4 ± 0.1 / 2.6 ± 0.1**" in table and "500/500 ep, 1.0 h, 3 seeds †" in table
@@ -223,17 +226,17 @@ def test_report_elsewhere_archives_runs_and_never_drops_a_measurement(fixture_re
     # A retrained seed 2 that reaches the same epoch replaces the carried value and is archived.
     _write_run(fresh, "table1/gon/coil20/seed2", [(0, 0, 60.0, 61.0, 0.06, 0.06, 0.0, 10.0),
                                                  (500, 9000, 1.6, 2.9, 0.001, 0.002, 3000.0, 10.0)])
-    read = _by_cell(results.write_report(cells, fresh, out))
+    read = _by_cell(suite.write_report(cells, fresh, out))
     assert (read["gon", "coil20", 2].train, read["gon", "coil20", 2].source) == (1.6, "")
-    assert (out / results.ARCHIVE / "table1/gon/coil20/seed2/metrics.jsonl").is_file()
+    assert (out / suite.ARCHIVE / "table1/gon/coil20/seed2/metrics.jsonl").is_file()
     assert "†" not in (out / "TABLES.md").read_text()
 
 
 def test_status_updates_merge_what_other_suites_wrote(tmp_path):
     """Two queues of the suite on one results folder: each update changes only its own entries."""
-    results.update_status(tmp_path, datasets={"cifar10": "no official cifar10 files"})
-    results.update_status(tmp_path, runs={"table1/gon/mnist/seed0": "diverged"})
-    assert results.read_status(tmp_path) == {"datasets": {"cifar10": "no official cifar10 files"},
+    suite.update_status(tmp_path, datasets={"cifar10": "no official cifar10 files"})
+    suite.update_status(tmp_path, runs={"table1/gon/mnist/seed0": "diverged"})
+    assert suite.read_status(tmp_path) == {"datasets": {"cifar10": "no official cifar10 files"},
                                              "runs": {"table1/gon/mnist/seed0": "diverged"}}
-    results.update_status(tmp_path, datasets={"cifar10": None})
-    assert results.read_status(tmp_path) == {"datasets": {}, "runs": {"table1/gon/mnist/seed0": "diverged"}}
+    suite.update_status(tmp_path, datasets={"cifar10": None})
+    assert suite.read_status(tmp_path) == {"datasets": {}, "runs": {"table1/gon/mnist/seed0": "diverged"}}

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from gonjax import train, xla, zoo
+from gonjax import steps, train, xla, zoo
 from gonjax.data import input_pipeline
 from gonjax.config import Config
 from gonjax.errors import DivergedError, UsageError
@@ -24,11 +24,11 @@ def _config(shared_data, tfds_dir, **overrides):
 def test_train_and_eval_steps_compile_once():
     config = Config(ngf=4, nz=8)
     model = zoo.build_model(config, nc=1)
-    optimizer = train.make_optimizer(config)
+    optimizer = steps.make_optimizer(config)
     images = jnp.asarray(np.random.default_rng(0).uniform(size=(6, 32, 32, 1)), jnp.float32)
-    state = train.create_train_state(model, optimizer, jax.random.PRNGKey(0), images)
-    train_step = jax.jit(chex.assert_max_traces(train.make_train_step(model, optimizer), n=1), donate_argnums=0)
-    eval_step = jax.jit(chex.assert_max_traces(train.make_eval_step(model), n=1))
+    state = steps.create_train_state(model, optimizer, jax.random.PRNGKey(0), images)
+    train_step = jax.jit(chex.assert_max_traces(steps.make_train_step(model, optimizer), n=1), donate_argnums=0)
+    eval_step = jax.jit(chex.assert_max_traces(steps.make_eval_step(model), n=1))
     for i in range(4):
         batch = images + 0.01 * i
         state, metrics = train_step(state, batch, jax.random.PRNGKey(1))
@@ -39,16 +39,16 @@ def test_train_and_eval_steps_compile_once():
 def test_train_step_is_one_adam_step_on_the_model_gradient():
     config = Config(ngf=4, nz=8)
     model = zoo.build_model(config, nc=1)
-    optimizer = train.make_optimizer(config)
+    optimizer = steps.make_optimizer(config)
     with jax.enable_x64(True):  # float64: no gradient component is lost in rounding noise
         images = jnp.asarray(np.random.default_rng(1).uniform(size=(4, 32, 32, 1)))
-        state = train.create_train_state(model, optimizer, jax.random.PRNGKey(0), images)
+        state = steps.create_train_state(model, optimizer, jax.random.PRNGKey(0), images)
         state = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64) if x.dtype == jnp.float32 else x, state)
         grads = jax.jit(jax.grad(lambda p: model.apply(p, state.batch_stats, images, jax.random.PRNGKey(0))[0]))(
             state.params)
         # The first Adam step from zero moments moves each parameter by lr * g / (|g| + eps) (bias-corrected).
         expected = jax.tree_util.tree_map(lambda p, g: p - config.lr * g / (jnp.abs(g) + 1e-8), state.params, grads)
-        new_state, _ = jax.jit(train.make_train_step(model, optimizer))(state, images, jax.random.PRNGKey(0))
+        new_state, _ = jax.jit(steps.make_train_step(model, optimizer))(state, images, jax.random.PRNGKey(0))
         # atol: biases ahead of a BN have gradient 0 up to 1e-13 noise, which Adam scales to up to lr; a wrong
         # learning rate, sign or optimizer is off by ~lr = 2e-4.
         chex.assert_trees_all_close(new_state.params, expected, rtol=0, atol=1e-6)
@@ -59,8 +59,8 @@ def test_train_step_is_one_adam_step_on_the_model_gradient():
 
 
 def test_training_reduces_coil20_error_and_writes_every_artefact(shared_data, tfds_dir, tmp_path, monkeypatch):
-    make_train_step = train.make_train_step
-    monkeypatch.setattr(train, "make_train_step", lambda m, o: chex.assert_max_traces(make_train_step(m, o), n=1))
+    make_train_step = steps.make_train_step
+    monkeypatch.setattr(steps, "make_train_step", lambda m, o: chex.assert_max_traces(make_train_step(m, o), n=1))
     records = train.train_and_evaluate(_config(shared_data, tfds_dir, epochs=2, lr=2e-3), tmp_path / "run")
     assert [r["step"] for r in records] == [0, 18, 36]
     assert [r["epoch"] for r in records] == [0, 1, 2]
@@ -93,6 +93,17 @@ def test_resumed_or_sparsely_evaluated_run_reproduces_an_uninterrupted_one(share
     assert [r["step"] for r in sparse] == [0, 30]
     assert strip(sparse) == strip(straight)[::2]
     assert sorted(int(p.name) for p in (tmp_path / "c" / "checkpoints").iterdir()) == [0, 30]
+    # Checkpointed after every epoch but evaluated every 2nd: a checkpoint without a row at step 18; a run
+    # resumed there evaluates nothing extra and ends where the uninterrupted runs end, bit for bit.
+    every = dict(short, eval_every=2, checkpoint_every=1)
+    train.train_and_evaluate(_config(shared_data, tfds_dir, **every, max_steps=20), tmp_path / "d")
+    (tmp_path / "d" / "checkpoints" / "20").rename(tmp_path / "d20")  # a kill after the step-18 checkpoint
+    (tmp_path / "d" / "metrics.jsonl").write_text(
+        "".join(line + "\n" for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()[:1]))
+    assert sorted(int(p.name) for p in (tmp_path / "d" / "checkpoints").iterdir()) == [0, 18]
+    checkpointed = train.train_and_evaluate(_config(shared_data, tfds_dir, **every, max_steps=30), tmp_path / "d")
+    assert [r["step"] for r in checkpointed] == [0, 30]
+    assert strip(checkpointed) == strip(sparse)
 
 
 def test_finished_run_is_left_alone(shared_data, tfds_dir, tmp_path, capsys):
@@ -135,8 +146,8 @@ def test_non_finite_loss_stops_the_run_before_checkpointing(shared_data, tfds_di
     monkeypatch.setitem(zoo.MODELS, "gon", exploding)
     with pytest.raises(DivergedError, match="non-finite training loss at step"):
         train.train_and_evaluate(_config(shared_data, tfds_dir, epochs=4), tmp_path / "run")
-    steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps == [0]
+    saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [0]
 
 
 def test_partial_evaluation_is_recorded(shared_data, tfds_dir, tmp_path):
@@ -178,10 +189,10 @@ def test_training_windows_record_the_step_losses(shared_data, tfds_dir, tmp_path
     # Replay the run's steps here and average their losses: the record's per-epoch mean and the windows agree.
     data = input_pipeline.load_dataset("coil20", 32, data_dir=config.data_dir)
     model = zoo.build_model(config, nc=1)
-    optimizer = train.make_optimizer(config)
+    optimizer = steps.make_optimizer(config)
     init_rng, train_rng, _, _ = jax.random.split(jax.random.PRNGKey(config.seed), 4)
-    state = train.create_train_state(model, optimizer, init_rng, jnp.asarray(data.train[:64]))
-    step_fn = xla.jit(train.make_train_step(model, optimizer))  # compiled as the trainer compiles it
+    state = steps.create_train_state(model, optimizer, init_rng, jnp.asarray(data.train[:64]))
+    step_fn = xla.jit(steps.make_train_step(model, optimizer))  # compiled as the trainer compiles it
     losses = []
     for epoch in range(2):
         for batch in input_pipeline.train_batches(data.train, 64, config.seed, epoch):

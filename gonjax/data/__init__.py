@@ -1,5 +1,3 @@
-"""Datasets of GON-SPEC 6: TensorFlow-free TFDS builders and the in-memory input pipeline."""
-from gonjax.data.builders import BUILDERS
-from gonjax.data.input_pipeline import CHANNELS, NATIVE_SIZE, Dataset, load_dataset
-
-__all__ = ["BUILDERS", "CHANNELS", "NATIVE_SIZE", "Dataset", "load_dataset"]
+"""Data (GON-SPEC 6): `input_pipeline` prepares and reads the spec's datasets through TFDS (`builders`);
+`batches` orders and batches arrays without TFDS. Import the submodule you need: importing this package
+loads neither."""

@@ -64,9 +64,13 @@ class Row:
     group: str = ""  # ablations: which figure the row belongs to ("activation" or "sigma")
 
 
-def _columns(*values) -> dict:
-    """J's (train, test) pairs in the order MNIST, Fashion-MNIST, CIFAR-10, COIL-20."""
-    return dict(zip(DATASETS, values))
+J_RESULTS = Path(__file__).with_name("j_results.json")  # J's values with their provenance (GON-SPEC 8)
+_J = json.loads(J_RESULTS.read_text())
+
+
+def _j(table: str, row: str) -> dict:
+    """J's (train, test) per dataset of one row (the table's columns; None where J has no value)."""
+    return {dataset: None if pair is None else tuple(pair) for dataset, pair in _J["values"][table][row].items()}
 
 
 def _ablation(name: str, group: str, **settings) -> Row:
@@ -75,29 +79,18 @@ def _ablation(name: str, group: str, **settings) -> Row:
     return Row("ablations", name, label, "gon", {"mnist": None}, settings, epochs=50, metric="loss", group=group)
 
 
-# GON-SPEC 8 (J's final values, train / test) and 9 (settings of the ablations).
+# The rows of GON-SPEC 8 (J's values: j_results.json) and 9 (settings of the ablations).
 ROWS: tuple[Row, ...] = (
-    Row("table1", "gon", "GON (16, 256)", "gon",
-        _columns((0.1176, 0.1423), (0.6044, 0.6428), (7.605, 7.715), (1.378, 2.597))),
-    Row("table1", "gon_detached", "GON detached (16, 256)", "gon",
-        _columns((2.103, 2.464), (3.997, 4.124), (8.685, 8.729), (4.428, 5.410)), {"detach": True}),
-    Row("table1", "gon_32_256", "GON (32, 256)", "gon",
-        _columns((0.0642, 0.0884), (0.4483, 0.5184), (6.871, 7.260), (0.5529, 3.146)), {"ngf": 32}),
-    Row("table1", "gon_16_512", "GON (16, 512)", "gon",
-        _columns((0.0542, 0.0903), (0.1234, 0.1321), (3.347, 3.413), None), {"nz": 512}),
-    Row("table1", "ae", "Conv AE (16, 256)", "ae",
-        _columns((0.0816, 0.1352), (0.5224, 0.5755), (7.382, 7.543), (0.942, 4.537))),
-    Row("table1", "ae_32_256", "Conv AE (32, 256)", "ae",
-        _columns((0.0439, 0.0775), (0.3900, 0.4805), (6.496, 6.959), (0.4345, 4.080)), {"ngf": 32}),
-    Row("table2", "implicit_gon", "Implicit GON", "implicit_gon",
-        {"mnist": (0.005307, 0.005352), "fashion_mnist": (0.008706, 0.008906), "coil20": (0.007262, 0.011554)},
-        metric="mse"),
-    Row("table3", "vgon", "V-GON (16, 256)", "vgon",
-        _columns((8.568, 8.961), (9.973, 10.179), (43.27, 43.81), (8.918, 11.427))),
-    Row("table3", "vae_8_256", "VAE (8, 256)", "vae",
-        _columns((6.859, 7.337), (9.044, 9.206), (36.83, 37.02), (10.39, 11.86)), {"ngf": 8}),
-    Row("table3", "vae", "VAE (16, 256)", "vae",
-        _columns((6.057, 6.554), (8.179, 8.430), (35.18, 35.62), (8.100, 9.311))),
+    Row("table1", "gon", "GON (16, 256)", "gon", _j("table1", "gon")),
+    Row("table1", "gon_detached", "GON detached (16, 256)", "gon", _j("table1", "gon_detached"), {"detach": True}),
+    Row("table1", "gon_32_256", "GON (32, 256)", "gon", _j("table1", "gon_32_256"), {"ngf": 32}),
+    Row("table1", "gon_16_512", "GON (16, 512)", "gon", _j("table1", "gon_16_512"), {"nz": 512}),
+    Row("table1", "ae", "Conv AE (16, 256)", "ae", _j("table1", "ae")),
+    Row("table1", "ae_32_256", "Conv AE (32, 256)", "ae", _j("table1", "ae_32_256"), {"ngf": 32}),
+    Row("table2", "implicit_gon", "Implicit GON", "implicit_gon", _j("table2", "implicit_gon"), metric="mse"),
+    Row("table3", "vgon", "V-GON (16, 256)", "vgon", _j("table3", "vgon")),
+    Row("table3", "vae_8_256", "VAE (8, 256)", "vae", _j("table3", "vae_8_256"), {"ngf": 8}),
+    Row("table3", "vae", "VAE (16, 256)", "vae", _j("table3", "vae")),
     _ablation("elu", "activation"),
     _ablation("relu", "activation", activation="relu"),
     _ablation("selu", "activation", activation="selu"),
@@ -532,7 +525,7 @@ def write_report(cells: Sequence[Cell], results: Path, out: Path | None = None, 
                  command: str = "python -m experiments.tables") -> list[CellResult]:
     """Read every cell under `results` and write TABLES.md, results.json and the figures into `out`
     (default: `results`). Returns what was read."""
-    from gonjax import plots  # matplotlib only when a report is drawn
+    from experiments import figures  # matplotlib only when a report is drawn
 
     out = Path(out or results)
     out.mkdir(parents=True, exist_ok=True)
@@ -550,11 +543,11 @@ def write_report(cells: Sequence[Cell], results: Path, out: Path | None = None, 
     for table in ("table1", "table2", "table3"):
         mine = [r for r in read if r.cell.row.table == table and r.curve]
         if mine:
-            plots.save_table_curves(out / f"{table}.png", mine, TABLE_TITLES[table], DATASET_TITLES)
+            figures.save_table_curves(out / f"{table}.png", mine, TABLE_TITLES[table], DATASET_TITLES)
     for group in ("activation", "sigma"):
         mine = [r for r in read if r.cell.row.table == "ablations" and r.cell.row.group == group and r.curve]
         if mine:
-            plots.save_ablation_curves(out / f"ablation_{group}.png", mine, f"Ablation: {group}")
+            figures.save_ablation_curves(out / f"ablation_{group}.png", mine, f"Ablation: {group}")
     copy_pictures(summaries, results, out)
     return read
 

@@ -1,0 +1,195 @@
+"""The pure training and evaluation steps, and their jitted builds on a device layout.
+
+A step is a pure function of the `TrainState`, a batch and a key; `build_steps` jits the steps of one model for a
+`parallel.Layout` (one device, a mesh that splits each batch, or seeds stacked along a replica axis), which is
+what the trainer, the benchmarks and the scaling tests all run. Nothing here reads files or prepares data.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gonjax import parallel, xla
+from gonjax.config import Config
+from gonjax.data import batches as batching
+from gonjax.errors import stop_if_requested
+from gonjax.zoo import Model, build_model
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a training step reads and writes; checkpointed as a whole.
+
+    `latent_bank` holds the latents of the model's last `latent_bank_batches` training batches (batch i of the
+    ring at rows i*B:(i+1)*B), which the Implicit GON samples from (GON-SPEC 4.6); empty for other models.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    latent_bank: jax.Array
+
+
+def make_optimizer(config: Config, steps_per_epoch: int = 1) -> optax.GradientTransformation:
+    """Adam of GON-SPEC 5: betas (0.9, 0.999), eps 1e-8, no weight decay, no clipping; the learning rate drops
+    to config.lr_drop_to at epoch config.lr_drop_epoch when one is set (Implicit GON on COIL-20)."""
+    lr = config.lr
+    if config.lr_drop_epoch is not None:
+        lr = optax.piecewise_constant_schedule(
+            config.lr, {config.lr_drop_epoch * steps_per_epoch: config.lr_drop_to / config.lr})
+    return optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)
+
+
+def create_train_state(model: Model, optimizer: optax.GradientTransformation, rng: jax.Array,
+                       sample_batch: jax.Array, variables: dict | None = None) -> TrainState:
+    """Step 0 with fresh Adam moments, from `model.init` or from given `variables` (e.g. ported weights)."""
+    if variables is None:
+        variables = model.init(rng, sample_batch)
+    variables = jax.tree_util.tree_map(jnp.asarray, variables)
+    params = variables["params"]
+    _, (_, output) = jax.eval_shape(model.apply, params, variables.get("batch_stats", {}), sample_batch, rng)
+    bank_rows = model.latent_bank_batches * sample_batch.shape[0]
+    bank_shape = (bank_rows, *output.latent.shape[1:]) if bank_rows else (0,)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=optimizer.init(params),
+                      latent_bank=jnp.zeros(bank_shape, sample_batch.dtype))
+
+
+def make_train_step(model: Model, optimizer: optax.GradientTransformation):
+    """train_step(state, batch, rng) -> (state, metrics): one Adam step on the model's loss.
+
+    The key of a step is fold_in(rng, step), so no key is threaded through Python. Jit it with
+    `donate_argnums=0`.
+    """
+
+    def train_step(state: TrainState, batch: jax.Array, rng: jax.Array):
+        step_rng = jax.random.fold_in(rng, state.step)
+        grad_fn = jax.value_and_grad(model.apply, has_aux=True)
+        (_, (batch_stats, output)), grads = grad_fn(state.params, state.batch_stats, batch, step_rng, state.step)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        bank = state.latent_bank
+        if model.latent_bank_batches:
+            slot = (state.step % model.latent_bank_batches) * batch.shape[0]
+            bank = jax.lax.dynamic_update_slice_in_dim(bank, output.latent.astype(bank.dtype), slot, axis=0)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                                  latent_bank=bank)
+        return new_state, output.metrics
+
+    return train_step
+
+
+def make_eval_step(model: Model):
+    """eval_step(state, batch, rng) -> (metrics, reconstruction). BN uses the batch's statistics, as in training
+    (GON-SPEC 3); running averages are left as they are."""
+
+    def eval_step(state: TrainState, batch: jax.Array, rng: jax.Array):
+        _, (_, output) = model.apply(state.params, state.batch_stats, batch, rng, state.step)
+        return output.metrics, output.reconstruction
+
+    return eval_step
+
+
+class Steps(NamedTuple):
+    """A model's steps jitted for one layout (`build_steps`).
+
+    train(state, batch, rng) -> (state, metrics), the state donated;
+    eval(state, batch, rng) -> (metrics, reconstruction);
+    sample(params, batch_stats, rng, n) -> images from the prior (n static), or None for models without one.
+    With seeds stacked (`layout.stacked`) the state, the training batch, the train keys and every output carry a
+    leading replica axis; an evaluation batch is shared by the replicas, its keys are not.
+    """
+
+    train: Callable
+    eval: Callable
+    sample: Callable | None
+
+
+def build_steps(model: Model, optimizer: optax.GradientTransformation, layout: parallel.Layout) -> Steps:
+    """The model's train step, eval step and prior sampler, jitted with the layout's shardings (vmapped over
+    stacked replicas)."""
+    rep = layout.replicated
+    train, evaluate_batch, sample = make_train_step(model, optimizer), make_eval_step(model), model.sample
+    if layout.stacked:
+        train = jax.vmap(train)
+        evaluate_batch = jax.vmap(evaluate_batch, in_axes=(0, None, 0))
+        if sample is not None:
+            one_sample = sample
+
+            def sample(params, batch_stats, rngs, n):
+                return jax.vmap(lambda p, s, r: one_sample(p, s, r, n))(params, batch_stats, rngs)
+
+    return Steps(
+        train=xla.jit(train, donate_argnums=0, in_shardings=(layout.state, layout.train_batch, rep),
+                      out_shardings=(layout.state, rep)),
+        eval=xla.jit(evaluate_batch, in_shardings=(layout.state, layout.eval_batch, rep), out_shardings=rep),
+        sample=xla.jit(sample, static_argnums=3, out_shardings=rep) if sample is not None else None)
+
+
+def eval_keys(eval_rng: np.ndarray, step: int, split: int, batches: int) -> np.ndarray:
+    """(batches, 2) keys of one evaluation pass: batch i of split s (0 train, 1 test) after `step` gets
+    fold_in(split(fold_in(eval_rng, step))[s], i)."""
+    rng = jax.random.split(jax.random.fold_in(jnp.asarray(eval_rng), step))[split]
+    return np.asarray(jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(batches)))
+
+
+def evaluate(eval_step, state: TrainState, images: np.ndarray, batch_size: int, batch_key: Callable[[int], Any],
+             should_stop: Callable[[], bool] | None = None, put=jax.device_put):
+    """Mean of every metric over a full pass in batches of `batch_size` (drop last), and the first batch with
+    its reconstruction. `batch_key(i)` is the key of batch i, `put` places a batch (`parallel.Layout.put`).
+    Metrics are summed on the device and read once: NumPy values, one per replica when the state is stacked.
+    `should_stop` is polled per batch."""
+    sums, first = None, None
+    count = 0
+    batches = batching.prefetch_to_device(batching.eval_batches(images, batch_size), put=put)
+    try:
+        for index, batch in enumerate(batches):
+            stop_if_requested(should_stop)
+            metrics, reconstruction = eval_step(state, batch, batch_key(index))
+            sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
+            if first is None:
+                first = reconstruction
+            count += 1
+    finally:
+        batches.close()
+        wait_for((sums, first))  # also on a stop: no computation outlives the pass
+    means = {name: np.asarray(value) / count for name, value in jax.device_get(sums).items()}
+    return means, (np.asarray(images[:batch_size]), np.asarray(first))
+
+
+def wait_for(arrays) -> None:
+    """Wait until the computations producing `arrays` have finished (JAX dispatches asynchronously; a stop must
+    not leave any running when the interpreter exits). Arrays a failed step had already donated are gone: there
+    is nothing to wait for then."""
+    try:
+        jax.block_until_ready(arrays)
+    except RuntimeError:
+        pass
+
+
+def time_steps(config: Config, image_shape: tuple[int, int, int], repeats: int = 3) -> tuple[float, float]:
+    """Median seconds of one training step and of one evaluation batch of `config` on this machine, measured on
+    random images of `image_shape` after a first (compiling) call. For planning, not benchmarking."""
+    model = build_model(config, image_shape[-1])
+    rng = jax.random.PRNGKey(0)
+    images = jax.random.uniform(rng, (config.batch_size, *image_shape))
+    optimizer = make_optimizer(config)
+    state = create_train_state(model, optimizer, rng, images)
+    train_step = xla.jit(make_train_step(model, optimizer), donate_argnums=0)
+    eval_step = xla.jit(make_eval_step(model))
+    train_times, eval_times = [], []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        state, metrics = jax.block_until_ready(train_step(state, images, rng))
+        train_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        jax.block_until_ready(eval_step(state, images, rng))
+        eval_times.append(time.perf_counter() - start)
+    return float(np.median(train_times[1:])), float(np.median(eval_times[1:]))
