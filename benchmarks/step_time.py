@@ -45,7 +45,7 @@ from benchmarks import peer_reference as pr
 from benchmarks import torch_reference as tr
 from gonjax import steps, xla, zoo
 from gonjax.config import Config
-from gonjax.models import DECONV_IMPLS
+from gonjax.config import DECONV_IMPLS
 
 
 @dataclasses.dataclass(frozen=True)

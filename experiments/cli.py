@@ -14,9 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gonjax import parallel
-from gonjax.config import DATASETS, LOSSES, ORIGIN_MODELS, Config
+from gonjax.config import Config, declared_settings, flag_name
 from gonjax.errors import GonjaxError
-from gonjax.models import ACTIVATIONS, POSITION_ENCODINGS
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -38,69 +37,47 @@ def seed_list(text: str) -> list[int]:
 
 
 def build_parser(prog: str, description: str, model: str) -> argparse.ArgumentParser:
-    """Flags common to every model, and those of its family (origin-step options, KL options)."""
-    defaults = Config(model=model)
-    parser = OneLineParser(prog=prog, description=description,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--dataset", choices=DATASETS, default=defaults.dataset)
-    parser.add_argument("--epochs", type=int, default=None, help="default: the spec's schedule for the model")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the spec's)")
-    parser.add_argument("--nz", type=int, default=None, help="latent size (default 256; Implicit GON 32)")
-    if model == "implicit_gon":
-        parser.add_argument("--lr-drop-epoch", type=int, default=None,
-                            help="from this epoch on, train at --lr-drop-to (COIL-20 default: 50)")
-        parser.add_argument("--lr-drop-to", type=float, default=None, help="(COIL-20 default: 5e-5)")
-        parser.add_argument("--loss-reduction", choices=["mean", "sum"], default=defaults.loss_reduction,
-                            help="per-pixel MSE (J) or sum over pixels, mean over batch (P)")
-    else:
-        parser.add_argument("--ngf", type=int, default=defaults.ngf, help="base width of decoder (and encoder)")
-        parser.add_argument("--activation", choices=sorted(ACTIVATIONS), default=defaults.activation)
-    if model in ("gon", "implicit_gon"):
-        parser.add_argument("--detach", action="store_true", help="detached GON: no gradient through the latent")
-        parser.add_argument("--latent-sigma", type=float, default=defaults.latent_sigma,
-                            help="start the latent at z0 ~ N(0, sigma^2) instead of the origin (ablation)")
-    if model in ORIGIN_MODELS:
-        _add_variant_flags(parser, model, defaults)
-    if model in ("vgon", "vae"):
-        parser.add_argument("--kl-weight", type=float, default=defaults.kl_weight, help="weight of the KLD")
-        parser.add_argument("--kl-warmup-steps", type=int, default=defaults.kl_warmup_steps,
-                            help="ramp the KL weight linearly from 0 over this many steps (0: no warm-up)")
+    """The flags of `model`: every Config setting declared for it (`gonjax.config.setting`: its help, choices
+    and default), then the flags that are not settings (seeds, run folder, devices and hosts)."""
+    parser = OneLineParser(prog=prog, description=description)
     seeds = parser.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=defaults.seed)
+    for field in declared_settings():
+        if model not in field.metadata["models"]:
+            continue
+        target = seeds if field.name == "seed" else parser
+        target.add_argument(flag_name(field.name), **_argument(field))
     seeds.add_argument("--seeds", type=seed_list, default=None,
                        help="train one run per seed, all in one program, into WORKDIR/seed<k> (e.g. 0,1,2)")
-    parser.add_argument("--max-steps", type=int, default=None,
-                        help="stop after this many training steps, then evaluate (smoke runs)")
     parser.add_argument("--workdir", default=None,
                         help="run folder (default runs/<model>-<dataset>-<timestamp>); rerun to resume")
-    parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's own)")
-    parser.add_argument("--manual-dir", default=None,
-                        help="folder of official dataset files (or of folders named after the datasets), "
-                             "to prepare offline")
-    parser.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints)
-    parser.add_argument("--eval-batches", type=int, default=None,
-                        help="evaluate on the first N batches of each split only (default: full passes, as the "
-                             "spec's tables; records then carry eval_batches)")
-    add_eval_every_flag(parser)
     add_scale_flags(parser)
     return parser
 
 
-def add_eval_every_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--eval-every", type=int, default=Config.eval_every, metavar="N",
-                        help="evaluate after every N-th epoch and at the end (default 1); the training is the same, "
-                             "the curves have fewer points")
-    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
-                        help="checkpoint after every N-th epoch and at the end (default: as --eval-every); a kill "
-                             "loses up to N epochs")
+def _argument(field: dataclasses.Field) -> dict:
+    """argparse keywords of a declared setting: its type from the annotation, its choices, its help with the
+    default (the spec's, for one left None)."""
+    meta, kinds = field.metadata, field.type.split(" | ")
+    default_doc = meta["default_doc"] or {None: "none"}.get(field.default, str(field.default))
+    help_text = f"{meta['help']} (default: {default_doc})"
+    if kinds == ["bool"]:
+        if field.default:
+            raise TypeError(f"{field.name}: a flag can only switch a setting on")  # none of ours defaults to True
+        return {"action": "store_true", "help": meta["help"]}
+    kind = {"int": int, "float": float, "str": str}[kinds[0]]
+    return {"type": kind, "default": field.default, "choices": meta["choices"], "help": help_text}
+
+
+def add_settings(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """Flags of the named Config settings, as their declarations say (for CLIs that are not a model's)."""
+    fields = {field.name: field for field in declared_settings()}
+    for name in names:
+        parser.add_argument(flag_name(name), **_argument(fields[name]))
 
 
 def add_scale_flags(parser: argparse.ArgumentParser) -> None:
-    """Devices and processes (README "Scaling"; gonjax.parallel): they change where a run computes, not what."""
-    scale = parser.add_argument_group("devices and hosts (the same results on any of them)")
-    scale.add_argument("--devices", type=int, default=None,
-                       help="split each batch over this many devices (default: all devices of all processes)")
+    """Processes (docs/scaling.md; gonjax.parallel): they change where a run computes, not what."""
+    scale = parser.add_argument_group("hosts (the same results on any number of them; --devices is a setting)")
     scale.add_argument("--coordinator", default=None,
                        help="HOST:PORT of process 0, for a run of several processes (hosts)")
     scale.add_argument("--num-processes", type=int, default=None, help="processes of the run")
@@ -110,32 +87,6 @@ def add_scale_flags(parser: argparse.ArgumentParser) -> None:
 def join_processes(args: argparse.Namespace) -> None:
     """Join the run's other processes where the flags (or a cluster's environment) say there are some."""
     parallel.initialize(args.coordinator, args.num_processes, args.process_id)
-
-
-def _add_variant_flags(parser: argparse.ArgumentParser, model: str, defaults: Config) -> None:
-    """The origin-step variants (docs/spec.md "Variants"): defaults are the spec's GON."""
-    variants = parser.add_argument_group("variants (defaults: the spec's)")
-    variants.add_argument("--latent-updates", type=int, default=defaults.latent_updates,
-                          help="N latent updates z <- z - step * grad L_in(z), each differentiable")
-    variants.add_argument("--latent-step-size", type=float, default=defaults.latent_step_size,
-                          help="the step of each latent update")
-    variants.add_argument("--learn-origin", action="store_true", help="train z0 as a parameter (start: zeros)")
-    if model == "vgon":
-        return
-    variants.add_argument("--loss", choices=LOSSES, default=defaults.loss,
-                          help="peer_bce: gon-pytorch's losses (inner BCE summed over the batch, outer BCE mean)")
-    if model != "implicit_gon":
-        return
-    variants.add_argument("--position-encoding", choices=POSITION_ENCODINGS, default=defaults.position_encoding,
-                          help="encode the coordinates: Gaussian Fourier features or NeRF's frequencies")
-    variants.add_argument("--fourier-features", type=int, default=defaults.fourier_features,
-                          help="width of the Fourier projection (2x as many features)")
-    variants.add_argument("--fourier-sigma", type=float, default=defaults.fourier_sigma,
-                          help="standard deviation of the Fourier projection")
-    variants.add_argument("--nerf-frequencies", type=int, default=defaults.nerf_frequencies,
-                          help="NeRF frequencies per coordinate")
-    variants.add_argument("--modulation", action="store_true",
-                          help="a modulated SIREN: the latent scales each hidden layer instead of joining the input")
 
 
 def config_from_args(args: argparse.Namespace, model: str) -> Config:

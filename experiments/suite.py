@@ -43,6 +43,7 @@ TABLE_TITLES = {
     "ablations": "Ablations: MNIST, GON (16, 256), train loss (per pixel) after 50 epochs",
 }
 DATASET_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "coil20": "COIL-20"}
+UNITS = {"sse": "SSE per image", "mse": "per-pixel MSE", "loss": "per-pixel loss (GON-SPEC 4.1)"}  # metric -> unit
 DIFFERENCE_FLAG = 0.15  # COIL-20 test figures vary about this much with the split (GON-SPEC 8)
 STATUS_FILE = "suite_status.json"
 ARCHIVE = "runs"  # under the report's folder: each run's metrics.jsonl and config.json, no checkpoints
@@ -323,10 +324,16 @@ def collect(cells: Sequence[Cell], results: Path, max_epochs: int | None = None,
     return [cell_result(cell, results, max_epochs, status, archive, earlier) for cell in wanted]
 
 
+ARCHIVED_FILES = ("metrics.jsonl", "train_metrics.jsonl", "config.json", "data.json")
+
+
 def archive_runs(read: Sequence[CellResult], results: Path, archive: Path) -> list[Path]:
-    """Copy each read run's metrics.jsonl and config.json from `results` into `archive/<run>/`, unless the copy
-    there already reaches a later epoch (a restarted run never shortens what was archived)."""
+    """Copy each read run's metrics, config and data description from `results` into `archive/<run>/`, unless
+    the copy there already reaches a later epoch (a restarted run never shortens what was archived); for a run
+    that has not reached its schedule, also its latest checkpoint (`archive/<run>/checkpoints/<step>/`, a few MB,
+    replacing an older one), so a machine that loses the run folders resumes it (`restore_from_archive`)."""
     copied = []
+    unfinished = {r.run for r in read if r.status in ("partial", "capped")}
     for run in dict.fromkeys(r.run for r in read):
         source, target = Path(results) / run, Path(archive) / run
         fresh = epoch_records(read_records(source), float("inf"))
@@ -334,11 +341,47 @@ def archive_runs(read: Sequence[CellResult], results: Path, archive: Path) -> li
         if not fresh or (kept and kept[-1]["epoch"] > fresh[-1]["epoch"]):
             continue
         target.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.jsonl", "config.json"):
+        for name in ARCHIVED_FILES:
             if (source / name).is_file():
                 files.write_atomic(target / name, (source / name).read_text())
                 copied.append(target / name)
+        latest = _latest_checkpoint(source) if run in unfinished else None
+        archived = _latest_checkpoint(target)
+        if latest is not None and (archived is None or latest.name != archived.name):
+            (target / "checkpoints").mkdir(exist_ok=True)
+            with files.atomic_output(target / "checkpoints" / latest.name, folder=True) as partial:
+                shutil.copytree(latest, partial, dirs_exist_ok=True)
+            copied.append(target / "checkpoints" / latest.name)
+        if run not in unfinished or latest is not None:  # keep only the newest; none once the run is finished
+            for old in (target / "checkpoints").glob("*"):
+                if latest is None or old.name != latest.name:
+                    shutil.rmtree(old)
     return copied
+
+
+def _latest_checkpoint(run: Path) -> Path | None:
+    """The newest complete orbax checkpoint folder of a run folder (checkpoints/<step>/), or None."""
+    steps = [p for p in (Path(run) / "checkpoints").glob("*") if p.name.isdigit() and p.is_dir()]
+    return max(steps, key=lambda p: int(p.name), default=None)
+
+
+def restore_from_archive(results: Path, folder: Path, archive: Path) -> int | None:
+    """Seed the run folder `results/folder` from the archived copy under `archive` when the archive holds a
+    checkpoint and the run folder holds none (a new machine): its files and that checkpoint are copied, and the
+    trainer resumes from it. Returns the step restored, or None when there was nothing to do."""
+    source, target = Path(archive) / folder, Path(results) / folder
+    checkpoint = _latest_checkpoint(source)
+    if checkpoint is None or _latest_checkpoint(target) is not None:
+        return None
+    if (target / "config.json").is_file() and (target / "config.json").read_text() != (
+            source / "config.json").read_text():
+        return None  # another run lives there: the trainer's own check refuses it
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ARCHIVED_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+    shutil.copytree(checkpoint, target / "checkpoints" / checkpoint.name)
+    return int(checkpoint.name)
 
 
 # ------------------------------------------------------------------------------------------------------ the report
@@ -553,21 +596,37 @@ def write_report(cells: Sequence[Cell], results: Path, out: Path | None = None, 
 
 
 def copy_pictures(summaries: Sequence[Summary], results: Path, out: Path) -> list[Path]:
-    """The run's own pictures at each table cell's epoch, or the latest drawn before it (first seed): test images
-    beside their reconstructions, and prior samples where the model has them, copied to
+    """The run's own pictures at each table cell's epoch, or the latest drawn before it (first seed): the first
+    test batch beside its reconstructions, and prior samples where the model has them, redrawn under a title
+    that says the model, dataset, seed, epoch against the schedule and the test error at that epoch, into
     out/pictures/<table>_<row>_<dataset>[_samples].png."""
+    from experiments import figures
+
     copied = []
     for summary in summaries:
         if summary.epoch is None or summary.row.table == "ablations":
             continue
-        run = Path(results) / summary.results[0].run
-        for kind, suffix in (("recon", ""), ("samples", "_samples")):
+        first = summary.results[0]
+        run = Path(results) / first.run
+        if not run.is_dir():  # known from the archive or an earlier report only: keep the picture it left
+            continue
+        tests = {epoch: test for epoch, _, test in first.curve}
+        metric = UNITS[summary.row.metric]
+        for kind, suffix, what in (("recon", "", "test images | reconstructions"), ("samples", "_samples",
+                                                                                 "samples from the prior")):
             drawn = [int(p.stem.split("_")[1]) for p in run.glob(f"{kind}_*.png") if p.stem.split("_")[1].isdigit()]
             drawn = [epoch for epoch in drawn if epoch <= summary.epoch]  # runs draw at some epochs only
-            source = run / f"{kind}_{max(drawn, default=summary.epoch)}.png"
+            epoch = max(drawn, default=summary.epoch)
+            source = run / f"{kind}_{epoch}.png"
             if source.is_file():
                 target = out / "pictures" / f"{summary.row.table}_{summary.row.name}_{summary.dataset}{suffix}.png"
                 target.parent.mkdir(exist_ok=True)
-                shutil.copyfile(source, target)
+                error = f", test {metric} {tests[epoch]:.4g}" if epoch in tests else ""
+                schedule = first.cell.schedule_epochs
+                state = "" if epoch >= schedule else " (unfinished)"
+                title = (f"{summary.row.label}, {DATASET_TITLES[summary.dataset]}, seed {first.cell.seed}: "
+                         f"{what}, epoch {epoch}/{schedule}{state}{error}")
+                with files.atomic_output(target) as partial:
+                    figures.save_titled_picture(source, partial, title)
                 copied.append(target)
     return copied

@@ -37,14 +37,16 @@ def build_parser():
     parser.add_argument("--seeds", type=cli.seed_list, default=[0], help="seeds of every cell, e.g. 0,1,2")
     parser.add_argument("--results", default="results", help="folder of the run folders and the report")
     parser.add_argument("--out", default=None,
-                        help="where the report goes (default: the --results folder), e.g. docs/results")
+                        help="where the report goes (default: the --results folder), e.g. docs/results; its runs/ "
+                             "keeps every run's metrics and each unfinished run's latest checkpoint, and a run "
+                             "folder missing from --results resumes from there")
     parser.add_argument("--max-epochs", type=int, default=None,
                         help="cap every schedule at this many epochs (a quick pass; the report says so)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true",
                       help="list the cells, their epochs and the hours each would take here; train nothing")
     mode.add_argument("--report", action="store_true", help="rebuild the report from what exists; train nothing")
-    cli.add_eval_every_flag(parser)
+    cli.add_settings(parser, ["eval_every", "checkpoint_every"])
     parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's own)")
     parser.add_argument("--manual-dir", default=None, help="folder of official dataset files, to prepare offline")
     return parser
@@ -71,9 +73,10 @@ def _jobs(cells, max_epochs):
 
 
 def run_cells(cells, results_dir: Path, max_epochs, data_flags: dict, write_report, eval_every: int = 1,
-              checkpoint_every: int | None = None) -> int:
+              checkpoint_every: int | None = None, archive: Path | None = None) -> int:
     """Train every cell to its (capped) schedule, cell after cell, evaluating after every `eval_every`-th epoch
-    and checkpointing after every `checkpoint_every`-th (default: as evaluating);
+    and checkpointing after every `checkpoint_every`-th (default: as evaluating); a run folder missing here but
+    archived with a checkpoint under `archive` (a report's runs/, from another machine) resumes from there;
     the seeds of a cell that still need training train together in one program (gonjax.train.train_seeds).
     Returns how many runs failed."""
     from gonjax.data import input_pipeline  # TFDS only when something trains
@@ -85,6 +88,9 @@ def run_cells(cells, results_dir: Path, max_epochs, data_flags: dict, write_repo
     groups: dict = {}  # (cell's folder without the seed, target) -> [(cell, folder, where, done)], in plan order
     for index, (cell, folder, target) in enumerate(jobs, 1):
         where = f"[{index}/{len(jobs)}] {folder}"
+        restored = suite.restore_from_archive(results_dir, folder, archive) if archive is not None else None
+        if restored is not None:
+            print(f"{where}: restored from {archive / folder} at step {restored}", flush=True)
         done = _epochs_done(results_dir, cell, target)
         if done >= target:
             print(f"{where}: done ({done}/{cell.schedule_epochs} epochs)", flush=True)
@@ -197,8 +203,9 @@ def main(argv=None) -> int:
         else:
             data_flags = {"data_dir": args.data_dir, "manual_dir": args.manual_dir}
             try:
+                archive = Path(args.out) / suite.ARCHIVE if args.out else None
                 failures = run_cells(cells, results_dir, args.max_epochs, data_flags, write_report, args.eval_every,
-                                     args.checkpoint_every)
+                                     args.checkpoint_every, archive)
             finally:  # also on Ctrl-C: the report shows how far every cell got
                 read = write_report()
         counts = {}

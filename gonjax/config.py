@@ -1,4 +1,11 @@
-"""Run configuration: one frozen dataclass, written to `config.json` next to every run."""
+"""Run configuration: one frozen dataclass, written to `config.json` next to every run.
+
+Each field is declared once, with everything about it: its default (or None for the spec's per-model and
+per-dataset value, `model_defaults`), the models it applies to, its choices and its help. The experiment CLIs
+build their flags from these declarations (`experiments.cli`), `Config.validate` checks types, choices and
+applicability from them, and the flag table of docs/cli.md is generated from them (`settings_table`, checked by
+a test). This module imports no model code.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -8,12 +15,24 @@ from pathlib import Path
 
 from gonjax.catalog import DATASETS
 from gonjax.errors import UsageError
-from gonjax.models import ACTIVATIONS, DECONV_IMPLS, KERNELS, POSITION_ENCODINGS
-
 
 MODEL_NAMES = ("gon", "vgon", "ae", "vae", "implicit_gon")
+CONV_MODELS = ("gon", "vgon", "ae", "vae")  # the models built from the conv decoder (GON-SPEC 2.1)
 ORIGIN_MODELS = ("gon", "vgon", "implicit_gon")  # the models whose latent comes from the origin step
 LOSSES = ("spec", "peer_bce")  # the spec's losses, or gon-pytorch's inner / outer BCE (gonjax.losses)
+ACTIVATION_NAMES = ("elu", "relu", "selu")  # gonjax.models.ACTIVATIONS
+DECONV_IMPLS = ("taps", "subpixel", "dilated")  # gonjax.models.TorchConvTranspose
+KERNELS = ("xla_cpu", "autodiff")  # gonjax.kernels' tuned custom-VJP kernels, or JAX's own primitives
+POSITION_ENCODINGS = ("none", "fourier", "nerf")  # gonjax.models.Siren
+
+
+def setting(default, help: str, models: tuple[str, ...] = MODEL_NAMES, choices: tuple | None = None,
+            flag: bool = True, default_doc: str | None = None):
+    """A Config field with its declaration: `models` it applies to (a different value on another model is an
+    error), `choices`, `help`; `flag=False` for fields the CLIs set themselves; `default_doc` describes a None
+    default filled from the spec."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "models": models, "choices": choices, "flag": flag, "default_doc": default_doc})
 
 
 def model_defaults(model: str, dataset: str) -> dict:
@@ -34,7 +53,7 @@ def model_defaults(model: str, dataset: str) -> dict:
 
 
 def _has_type(value, annotation: str) -> bool:
-    """Whether a JSON value fits a field annotated e.g. "int | None" (an int fits float; a bool fits only bool)."""
+    """Whether a value fits a field annotated e.g. "int | None" (an int fits float; a bool fits only bool)."""
     kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),)}
     return any(isinstance(value, kinds[kind]) and (kind == "bool" or not isinstance(value, bool))
                for kind in annotation.split(" | "))
@@ -51,44 +70,67 @@ class Config:
     """Everything that determines a run. Defaults are GON (16, 256) with J's settings (GON-SPEC 5, 8); the
     schedule, rate and latent size default to the spec's for the model and dataset chosen."""
 
-    model: str = "gon"
-    dataset: str = "fashion_mnist"
-    epochs: int | None = None  # None: the spec's schedule for the model and dataset (model_defaults)
-    batch_size: int = 64
-    lr: float | None = None  # None: the spec's rate (and drop) for the model and dataset
-    nz: int | None = None  # None: 256, the Implicit GON's 32
-    ngf: int = 16
-    activation: str = "elu"
-    detach: bool = False  # GON-SPEC 4.2
-    latent_sigma: float = 0.0  # z0 ~ N(0, sigma^2), GON-SPEC 9
-    kl_weight: float = 1.0  # weight of the KLD in V-GON / VAE losses (GON-SPEC 4.3)
-    kl_warmup_steps: int = 0  # linear warm-up of the KL weight from 0 over this many steps
-    lr_drop_epoch: int | None = None  # from this epoch on, train with lr_drop_to
-    lr_drop_to: float | None = None
-    loss_reduction: str = "mean"  # Implicit GON: "mean" per-pixel MSE (J), "sum" over pixels (P), GON-SPEC 4.4
-    seed: int = 0
-    max_steps: int | None = None  # stop after this many training steps (then evaluate)
-    data_dir: str | None = None  # TFDS data dir; None = TFDS's default
-    manual_dir: str | None = None  # folder of official files, for offline preparation
-    keep_checkpoints: int = 3
-    deconv_impl: str = "taps"  # computation of the transposed convolutions: "taps", "subpixel" or "dilated"
-    kernels: str = "xla_cpu"  # "autodiff": JAX's own primitives only, for jvp / linearize / hessian (gonjax.kernels)
-    origin_shortcut: bool = True  # inner pass at z0 = 0 from one decoded example (gonjax.origin.origin_gradient)
-    eval_batches: int | None = None  # evaluate on the first N batches of each split only (default: full passes)
-    eval_every: int = 1  # evaluate after every N-th epoch and at the run's end; training unchanged
-    checkpoint_every: int | None = None  # checkpoint after every N-th epoch and at the end; None: as eval_every
-    devices: int | None = None  # devices the batch is split over (gonjax.parallel); None: every device
-    # Variants of the origin step (docs/spec.md "Variants"; gon, vgon, implicit_gon). Defaults are the spec's.
-    latent_updates: int = 1  # N updates z <- z - latent_step_size * grad L_in(z), each differentiable
-    latent_step_size: float = 1.0
-    learn_origin: bool = False  # z0 a trained parameter (params["latent_origin"]), the same for every example
-    loss: str = "spec"  # "peer_bce": gon-pytorch's losses (gon, implicit_gon), see LOSSES
-    # Implicit GON variants: position encoding of the coordinates, modulated SIREN.
-    position_encoding: str = "none"  # POSITION_ENCODINGS
-    fourier_features: int = 32  # "fourier": the projection's width (2x as many features)
-    fourier_sigma: float = 1.0  # "fourier": standard deviation of the projection
-    nerf_frequencies: int = 10  # "nerf": frequencies per coordinate (2x as many features each)
-    modulation: bool = False
+    model: str = setting("gon", "the model", choices=MODEL_NAMES, flag=False)
+    dataset: str = setting("fashion_mnist", "the dataset (GON-SPEC 6)", choices=DATASETS)
+    epochs: int | None = setting(None, "epochs (J's schedule, GON-SPEC 5)",
+                                 default_doc="500 (GON, AE), 1000 (V-GON, VAE), 100 (Implicit GON; 500 on COIL-20)")
+    batch_size: int = setting(64, "batch size; batch norm takes the statistics of each batch (GON-SPEC 3)")
+    lr: float | None = setting(None, "Adam learning rate (betas 0.9 / 0.999, eps 1e-8)",
+                               default_doc="2e-4 (V-GON on COIL-20: 1e-3; Implicit GON on COIL-20: 1e-4)")
+    nz: int | None = setting(None, "latent size", default_doc="256 (Implicit GON: 32)")
+    ngf: int = setting(16, "base width of the decoder (and encoder)", models=CONV_MODELS)
+    activation: str = setting("elu", "activation of the hidden layers (ablation, GON-SPEC 9)", models=CONV_MODELS,
+                              choices=ACTIVATION_NAMES)
+    detach: bool = setting(False, "detached GON: the latent is a constant in the outer gradient (GON-SPEC 4.2)",
+                           models=("gon", "implicit_gon"))
+    latent_sigma: float = setting(0.0, "start from z0 ~ N(0, sigma^2) and use z = z0 - grad (ablation, GON-SPEC 9)",
+                                  models=("gon", "implicit_gon"))
+    kl_weight: float = setting(1.0, "weight of the KLD in BCE + weight * KLD (GON-SPEC 4.3)", models=("vgon", "vae"))
+    kl_warmup_steps: int = setting(0, "ramp the KL weight linearly from 0 over this many steps",
+                                   models=("vgon", "vae"))
+    lr_drop_epoch: int | None = setting(None, "from this epoch on, train at --lr-drop-to", models=("implicit_gon",),
+                                        default_doc="COIL-20: 50")
+    lr_drop_to: float | None = setting(None, "the learning rate after --lr-drop-epoch", models=("implicit_gon",),
+                                       default_doc="COIL-20: 5e-5")
+    loss_reduction: str = setting("mean", "per-pixel MSE (J) or `sum` over pixels, mean over batch (P), GON-SPEC 4.4",
+                                  models=("implicit_gon",), choices=("mean", "sum"))
+    seed: int = setting(0, "parameter init, data order and every key of the run")
+    max_steps: int | None = setting(None, "stop after N training steps, then evaluate (smoke runs)")
+    data_dir: str | None = setting(None, "where TFDS keeps prepared datasets", default_doc="TFDS's own")
+    manual_dir: str | None = setting(None, "folder of official dataset files (or of folders named after the "
+                                           "datasets), to prepare offline")
+    keep_checkpoints: int = setting(3, "how many of the latest checkpoints to keep")
+    deconv_impl: str = setting("taps", "how the transposed convolutions are computed (the same function)",
+                               models=CONV_MODELS, choices=DECONV_IMPLS)
+    kernels: str = setting("xla_cpu", "`autodiff`: JAX's own primitives only, for forward-mode transforms "
+                                      "(gonjax.kernels)", choices=KERNELS)
+    origin_shortcut: bool = setting(True, "inner pass at z0 from one decoded example (gonjax.origin)",
+                                    models=("gon", "implicit_gon"), flag=False)
+    eval_batches: int | None = setting(None, "evaluate on the first N batches of each split only (records then "
+                                             "say `eval_batches`)", default_doc="all")
+    eval_every: int = setting(1, "evaluate after every N-th epoch and at the end; the training is bit for bit the "
+                                 "same, the curves have fewer points")
+    checkpoint_every: int | None = setting(None, "checkpoint after every N-th epoch and at the end; a kill loses "
+                                                 "up to N epochs", default_doc="as --eval-every")
+    devices: int | None = setting(None, "split each batch over this many devices (docs/scaling.md)",
+                                  default_doc="all")
+    # Variants of the origin step (docs/spec.md "Variants"). Defaults are the spec's.
+    latent_updates: int = setting(1, "N updates z <- z - step * grad L_in(z), each differentiable (second order "
+                                     "through all N)", models=ORIGIN_MODELS)
+    latent_step_size: float = setting(1.0, "the step of each latent update", models=ORIGIN_MODELS)
+    learn_origin: bool = setting(False, "z0 a trained parameter (zeros at init, nz more parameters)",
+                                 models=ORIGIN_MODELS)
+    loss: str = setting("spec", "`peer_bce`: gon-pytorch's losses (inner BCE summed over the batch, outer BCE "
+                                "averaged)", models=("gon", "implicit_gon"), choices=LOSSES)
+    position_encoding: str = setting("none", "encode the coordinates: Gaussian Fourier features or NeRF's",
+                                     models=("implicit_gon",), choices=POSITION_ENCODINGS)
+    fourier_features: int = setting(32, "`fourier`: width of the projection (2x as many features)",
+                                    models=("implicit_gon",))
+    fourier_sigma: float = setting(1.0, "`fourier`: standard deviation of the projection", models=("implicit_gon",))
+    nerf_frequencies: int = setting(10, "`nerf`: frequencies per coordinate (2x as many features each)",
+                                    models=("implicit_gon",))
+    modulation: bool = setting(False, "a modulated SIREN: a ReLU network of the latent scales each hidden layer",
+                               models=("implicit_gon",))
 
     def __post_init__(self):
         """Fill the settings left None from the spec's schedule for this model and dataset (`model_defaults`),
@@ -113,27 +155,39 @@ class Config:
         return f"{self.model}_detached" if self.detach else self.model
 
     def validate(self) -> "Config":
-        """Raise UsageError (one line) for a value no run can use."""
+        """Raise UsageError (one line) for a value no run can use: a wrong type or choice, a setting on a model it
+        does not apply to (from the fields' declarations), or a value out of range."""
         if self.model not in MODEL_NAMES:
             raise UsageError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}")
-        if self.dataset not in DATASETS:
-            raise UsageError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
-        if self.activation not in ACTIVATIONS:
-            raise UsageError(f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+        for field in dataclasses.fields(self):
+            value, meta = getattr(self, field.name), field.metadata
+            if not _has_type(value, field.type):
+                raise UsageError(f"{flag_name(field.name)} must be {_type_words(field.type)}, got {value!r}")
+            if meta["choices"] is not None and value not in meta["choices"]:
+                raise UsageError(f"{flag_name(field.name)} must be one of {', '.join(map(str, meta['choices']))}, "
+                                 f"got {value!r}")
+            if self.model not in meta["models"] and value != field.default:
+                raise UsageError(f"{flag_name(field.name)} applies to {', '.join(meta['models'])}, not {self.model}")
+        self._validate_ranges()
+        return self
+
+    def _validate_ranges(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "nz": self.nz, "ngf": self.ngf,
-                    "keep_checkpoints": self.keep_checkpoints, "eval_every": self.eval_every}
+                    "keep_checkpoints": self.keep_checkpoints, "eval_every": self.eval_every,
+                    "latent_updates": self.latent_updates, "fourier_features": self.fourier_features,
+                    "nerf_frequencies": self.nerf_frequencies}
         for name in ("max_steps", "eval_batches", "devices", "checkpoint_every"):
             if getattr(self, name) is not None:
                 positive[name] = getattr(self, name)
         for name, value in positive.items():
             if value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+                raise UsageError(f"{flag_name(name)} must be at least 1, got {value}")
         if self.batch_size < 2:
             raise UsageError("--batch-size must be at least 2: batch norm needs two images per batch")
         for name in ("lr", "latent_sigma", "kl_weight", "lr_drop_to"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
-                raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+                raise UsageError(f"{flag_name(name)} must be a finite number, got {value}")
         if not 0 <= self.seed < 2**63:
             raise UsageError(f"--seed must be an integer from 0 to 2**63 - 1, got {self.seed}")
         if not self.lr > 0:
@@ -144,44 +198,14 @@ class Config:
             raise UsageError("--lr-drop-epoch and --lr-drop-to go together")
         if self.lr_drop_epoch is not None and (self.lr_drop_epoch < 0 or not self.lr_drop_to > 0):
             raise UsageError("--lr-drop-epoch must be non-negative and --lr-drop-to positive")
-        if self.deconv_impl not in DECONV_IMPLS:
-            raise UsageError(f"deconv_impl must be one of {', '.join(DECONV_IMPLS)}, got {self.deconv_impl!r}")
-        if self.kernels not in KERNELS:
-            raise UsageError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
-        if self.loss_reduction not in ("mean", "sum"):
-            raise UsageError(f"--loss-reduction must be mean or sum, got {self.loss_reduction!r}")
         if self.kl_weight < 0 or self.kl_warmup_steps < 0:
             raise UsageError("--kl-weight and --kl-warmup-steps must be non-negative")
-        self._validate_variants()
-        return self
-
-    def _validate_variants(self) -> None:
-        """The origin-step and SIREN variants: valid values, and only on the models that have them."""
-        if self.latent_updates < 1:
-            raise UsageError(f"--latent-updates must be at least 1, got {self.latent_updates}")
-        if not (math.isfinite(self.latent_step_size) and self.latent_step_size > 0):
-            raise UsageError(f"--latent-step-size must be a positive number, got {self.latent_step_size}")
-        origin_variants = {"latent_updates": self.latent_updates != 1, "latent_step_size": self.latent_step_size != 1,
-                           "learn_origin": self.learn_origin}
-        for name, used in origin_variants.items():
-            if used and self.model not in ORIGIN_MODELS:
-                raise UsageError(f"--{name.replace('_', '-')} applies to the origin-step models "
-                                 f"({', '.join(ORIGIN_MODELS)}), not {self.model}")
-        if self.loss not in LOSSES:
-            raise UsageError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.loss != "spec" and self.model not in ("gon", "implicit_gon"):
-            raise UsageError(f"--loss {self.loss} applies to gon and implicit_gon; {self.model} keeps its own loss")
+        for name in ("latent_step_size", "fourier_sigma"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise UsageError(f"{flag_name(name)} must be a positive number, got {value}")
         if self.loss != "spec" and self.loss_reduction != "mean":
             raise UsageError("--loss-reduction sum is the spec's MSE; it does not combine with --loss peer_bce")
-        if self.position_encoding not in POSITION_ENCODINGS:
-            raise UsageError(f"--position-encoding must be one of {', '.join(POSITION_ENCODINGS)}, "
-                             f"got {self.position_encoding!r}")
-        if (self.position_encoding != "none" or self.modulation) and self.model != "implicit_gon":
-            raise UsageError("--position-encoding and --modulation apply to implicit_gon only")
-        if self.fourier_features < 1 or self.nerf_frequencies < 1:
-            raise UsageError("--fourier-features and --nerf-frequencies must be at least 1")
-        if not (math.isfinite(self.fourier_sigma) and self.fourier_sigma > 0):
-            raise UsageError(f"--fourier-sigma must be a positive number, got {self.fourier_sigma}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -210,3 +234,30 @@ class Config:
             if a != b and field.name not in RESUMABLE_CHANGES:
                 diff[field.name] = (a, b)
         return diff
+
+
+def flag_name(field_name: str) -> str:
+    """The CLI flag of a Config field: `latent_sigma` -> `--latent-sigma`."""
+    return "--" + field_name.replace("_", "-")
+
+
+def _type_words(annotation: str) -> str:
+    words = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string", "None": "None"}
+    return " or ".join(words[kind] for kind in annotation.split(" | "))
+
+
+def declared_settings() -> list[dataclasses.Field]:
+    """The Config fields that are CLI flags, in declaration order."""
+    return [field for field in dataclasses.fields(Config) if field.metadata["flag"]]
+
+
+def settings_table() -> str:
+    """The markdown table of every setting's flag, default, models and meaning (docs/cli.md holds it)."""
+    lines = ["| flag | default | models | meaning |", "|---|---|---|---|"]
+    for field in declared_settings():
+        meta = field.metadata
+        default = meta["default_doc"] or {False: "off", None: "none"}.get(field.default, str(field.default))
+        models = "all" if meta["models"] == MODEL_NAMES else ", ".join(meta["models"])
+        meaning = meta["help"] + (f" ({', '.join(map(str, meta['choices']))})" if meta["choices"] else "")
+        lines.append(f"| `{flag_name(field.name)}` | {default} | {models} | {meaning} |")
+    return "\n".join(lines) + "\n"

@@ -12,14 +12,14 @@ import jax
 import jax.numpy as jnp
 
 from gonjax import kernels as tuned
-
-KERNELS = ("xla_cpu", "autodiff")  # gonjax.kernels' tuned custom-VJP kernels, or JAX's own primitives
+from gonjax.config import ACTIVATION_NAMES
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "elu": nn.elu,
     "relu": nn.relu,
     "selu": nn.selu,
 }
+assert tuple(ACTIVATIONS) == ACTIVATION_NAMES  # the names Config accepts
 
 
 def symmetric_uniform(bound: float) -> Callable:
@@ -92,8 +92,6 @@ class BatchStatNorm(nn.Module):
                               + m * jax.lax.stop_gradient(mean)).astype(running_mean.value.dtype)
         running_var.value = ((1 - m) * running_var.value + m * unbiased).astype(running_var.value.dtype)
 
-
-DECONV_IMPLS = ("taps", "subpixel", "dilated")
 
 class TorchConvTranspose(nn.Module):
     """PyTorch `ConvTranspose2d(k=4, stride, padding)` with PyTorch's init (GON-SPEC 2.1, 2.5).
@@ -327,9 +325,6 @@ def _siren_kernel_init(w0: float):
         return symmetric_uniform((6.0 / shape[0]) ** 0.5 / w0)(key, shape, dtype)
 
     return init
-
-
-POSITION_ENCODINGS = ("none", "fourier", "nerf")
 
 
 class FourierFeatures(nn.Module):

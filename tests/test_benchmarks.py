@@ -123,7 +123,8 @@ def test_loading_gonjax_weights_into_the_pytorch_reference_inverts_the_port(name
     from benchmarks import epoch_time
     from benchmarks import torch_reference as tr
 
-    config = epoch_time.make_config(name, "coil20" if name != "implicit_gon" else "mnist", ngf=4, nz=8)
+    sizes = dict(nz=8) if name == "implicit_gon" else dict(ngf=4, nz=8)  # a SIREN has no ngf
+    config = epoch_time.make_config(name, "coil20" if name != "implicit_gon" else "mnist", **sizes)
     torch.manual_seed(0)
     source = epoch_time.torch_module(name, config, 1)
     for buffer in source.buffers():  # BN running statistics off their init, so that they are checked too

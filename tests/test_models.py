@@ -7,7 +7,8 @@ import pytest
 import reference
 from gonjax.config import Config
 from gonjax import kernels, models
-from gonjax.models import DECONV_IMPLS, BatchStatNorm, ConvDecoder, ConvEncoder, count_params, symmetric_uniform
+from gonjax.config import DECONV_IMPLS
+from gonjax.models import BatchStatNorm, ConvDecoder, ConvEncoder, count_params, symmetric_uniform
 from gonjax.zoo import build_model
 
 

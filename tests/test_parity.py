@@ -1,8 +1,10 @@
 """gonjax against the PyTorch reference (benchmarks/torch_reference.py), from identical weights and noise.
 
-float64: one full training step of every model (GON, detached GON, V-GON, Conv AE, VAE, Implicit GON) agrees to relative
-error 1e-6 in the latent, both losses, the reconstruction, every parameter gradient, the parameters after Adam
-and the BN running statistics (GON-SPEC 3: float32 cannot be compared bitwise at the origin). float32: 100-200
+float64: the first training step of every model (GON, detached GON, V-GON, Conv AE, VAE, Implicit GON) agrees in the
+latent, both losses, the reconstruction and every parameter gradient to TOL element by element (`relative_error`),
+and after ADAM_STEPS steps (so that Adam's betas enter) in every parameter and BN running statistic to TOL_ADAM
+(GON-SPEC 3: float32 cannot be compared bitwise at the origin). Every comparison is reported as its error over its
+bound, so one threshold (1) reads them all. float32: 100-200
 training steps of the GON, V-GON, AE and VAE on the same Fashion-MNIST batches give the same loss curve (bounds
 and measurements at FLOAT32_CURVES).
 """
@@ -12,6 +14,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 
@@ -23,19 +26,36 @@ from gonjax.data import input_pipeline
 
 from conftest import jit_for_speed
 
-TOL = 1e-6
+# Bounds, float64, measured on this project's 2-core AMD EPYC (family 25) with ADAM_STEPS = 3 and FLOOR = 1e-2:
+# - TOL, the first step (latent, losses, reconstruction, gradients): worst 6e-11 (the AE's encoder gradients),
+#   most cases 1e-12 to 1e-11;
+# - TOL_ADAM, the parameters and BN variances after ADAM_STEPS steps: worst 9e-9 (gon-pytorch's BCE GON: its
+#   summed inner BCE makes gradients of order 1e3, whose float64 noise Adam's eps of 1e-8 turns into parameter
+#   noise of lr * 1e-13 / 1e-8); a wrong beta moves them by ~1e-4 (test_parity_check_catches_a_wrong_adam_beta).
+# - PEER_GON_TOL, the first step of gon-pytorch's conv GON (its BCE losses): worst 7e-10 (BN biases' gradients):
+#   its inner BCE is summed over the batch, so its latents are 64x the spec's and every rounding error of the
+#   batch-statistics BNs is amplified that much more (GON-SPEC 3).
+TOL = 1e-10
+TOL_ADAM = 1e-7
+PEER_GON_TOL = 1e-8
+FLOOR = 1e-2  # entries below FLOOR x the tensor's largest are compared against that floor, not their own size
+ADAM_STEPS = 3  # one Adam step is lr * g / (|g| + eps) whatever the betas; the second and third see the moments
 
 
 def relative_error(actual, expected) -> float:
-    """max |actual - expected| / max |expected| over one tensor."""
+    """max over the entries of |actual - expected| / max(|expected|, FLOOR * max |expected|): relative to each
+    entry, so a small entry's error is not hidden by the tensor's large ones, with a floor for entries whose true
+    value is 0 or nearly (rounding leaves them errors of the tensor's scale, not of their own)."""
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+    scale = max(float(np.abs(expected).max()), np.finfo(np.float64).tiny)
+    return float((np.abs(actual - expected) / np.maximum(np.abs(expected), FLOOR * scale)).max())
 
 
-def tree_errors(actual, expected) -> dict[str, float]:
-    flat_a = jax.tree_util.tree_flatten_with_path(actual)[0]
+def tree_pairs(actual, expected) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(path, actual leaf, expected leaf) of two trees of one structure."""
     flat_e = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
-    return {jax.tree_util.keystr(path): relative_error(leaf, flat_e[path]) for path, leaf in flat_a}
+    return [(jax.tree_util.keystr(path), np.asarray(leaf, np.float64), np.asarray(flat_e[path], np.float64))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(actual)[0]]
 
 
 def _torch_model(model: str, config: Config, nc: int, seed: int) -> torch.nn.Module:
@@ -75,10 +95,9 @@ def fashion_batch_28(shared_data, tfds_dir):
 TORCH_MODELS = {"gon": tr.ConvDecoder, "vgon": tr.VariationalGON, "ae": tr.ConvAutoencoder, "vae": tr.ConvVAE}
 
 
-def _torch_step(module, config, images, key):
+def _torch_step(module, optimizer, config, images, key):
     """One PyTorch step, with the noise gonjax draws from `key` injected (GON-SPEC 4.3: V-GON's inner and outer
     passes draw independently)."""
-    optimizer = tr.make_adam(module, config.lr)
     x = tr.nhwc(images)
     shape = (images.shape[0], config.nz)
     if config.model == "gon":
@@ -96,45 +115,60 @@ def _torch_step(module, config, images, key):
 
 
 def _jax_step(config, variables, images, key):
-    """gonjax in float64 from ported variables: loss, output and gradients at `key`, and the state after one
-    training step (whose step key, fold_in(key, 0), is the same key)."""
+    """gonjax in float64 from ported variables: loss, output and gradients of the first step (key
+    fold_in(key, 0)), and the state after ADAM_STEPS training steps on `images` (step k's key fold_in(key, k))."""
     model = zoo.build_model(config, images.shape[-1])
     optimizer = steps.make_optimizer(config)
     x = jnp.asarray(images)
     state = steps.create_train_state(model, optimizer, key, x, variables)
     (loss, (_, output)), grads = jax.jit(jax.value_and_grad(model.apply, has_aux=True))(
         state.params, state.batch_stats, x, jax.random.fold_in(key, 0))
-    new_state, _ = jax.jit(steps.make_train_step(model, optimizer))(state, x, key)
-    return loss, output, grads, new_state
+    train_step = jax.jit(steps.make_train_step(model, optimizer))
+    for _ in range(ADAM_STEPS):
+        state, _ = train_step(state, x, key)
+    return loss, output, grads, state
+
+
 
 
 # Biases of layers followed by BN: their gradient is exactly 0 (BN removes any per-channel constant).
 BIAS_BEFORE_BN = re.compile(r"\['(de)?conv[123]'\]\['bias'\]$")
 
 
-def gradient_errors(grads, torch_grads: dict) -> dict[str, float]:
-    """Relative error of every gradient leaf (`torch_grads`: {path: array}). Those that are exactly 0 in exact
-    arithmetic (BIAS_BEFORE_BN) are rounding noise on both sides: each side's largest entry over the largest
-    gradient, which must be tiny."""
+def gradient_errors(grads, torch_grads: dict, tol: float = TOL) -> dict[str, float]:
+    """Relative error over TOL of every gradient leaf (`torch_grads`: {path: array}). Those that are exactly 0 in
+    exact arithmetic (BIAS_BEFORE_BN) are rounding noise on both sides: each side's largest entry over the largest
+    gradient, over TOL."""
     errors = {}
     scale = max(float(np.abs(g).max()) for g in torch_grads.values())
     for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
         name = jax.tree_util.keystr(path)
         if BIAS_BEFORE_BN.search(name):
             for side, g in (("jax", leaf), ("torch", torch_grads[path])):
-                errors[f"grad {name} ({side}) / largest gradient"] = float(np.abs(np.asarray(g)).max()) / scale
+                errors[f"grad {name} ({side}) / largest gradient"] = float(np.abs(np.asarray(g)).max()) / scale / tol
         else:
-            errors[f"grad {name}"] = relative_error(leaf, torch_grads[path])
+            errors[f"grad {name}"] = relative_error(leaf, torch_grads[path]) / tol
     return errors
 
 
-def _update_errors(grads, new_state, reference_grads: dict, reference_after: dict) -> dict[str, float]:
-    """Every gradient (`gradient_errors`), the parameters after Adam and the model state (BN statistics, a
-    Fourier projection) against the reference's after its step."""
-    errors = gradient_errors(grads, reference_grads)
-    errors.update({f"param {k}": v for k, v in tree_errors(new_state.params, reference_after["params"]).items()})
-    errors.update({f"state {k}": v for k, v in tree_errors(new_state.batch_stats,
-                                                           reference_after["batch_stats"]).items()})
+def _update_errors(grads, new_state, reference_grads: dict, reference_after: dict, lr: float,
+                   tol: float = TOL) -> dict[str, float]:
+    """Every gradient of the first step (`gradient_errors`), and the parameters and model state (BN statistics, a
+    Fourier projection) after ADAM_STEPS steps against the reference's, each over its bound.
+
+    The biases before a BN (BIAS_BEFORE_BN) have a gradient of exactly 0, so Adam moves them by rounding noise
+    alone, up to lr a step on either side (its update is lr * g / (|g| + eps)): bound 2 * ADAM_STEPS * lr,
+    absolute. The BN running means take those biases in (a running mean of the batch means, each shifted by
+    its bias): the same bound. Everything else: TOL_ADAM, relative."""
+    errors = gradient_errors(grads, reference_grads, tol)
+    noise_bound = 2 * ADAM_STEPS * lr
+    for kind, actual, expected in (("param", new_state.params, reference_after["params"]),
+                                   ("state", new_state.batch_stats, reference_after["batch_stats"])):
+        for name, a, e in tree_pairs(actual, expected):
+            if BIAS_BEFORE_BN.search(name) or (kind == "state" and name.endswith("['mean']")):
+                errors[f"{kind} {name} (rounding-driven, absolute)"] = float(np.abs(a - e).max()) / noise_bound
+            else:
+                errors[f"{kind} {name}"] = relative_error(a, e) / TOL_ADAM
     return errors
 
 
@@ -145,21 +179,25 @@ def _compare_one_step(config, images, seed=0, perturb=None):
     if perturb is not None:
         perturb(variables)
     key = jax.random.PRNGKey(seed)
-    torch_step = _torch_step(module, config, images, jax.random.fold_in(key, 0))
-    after = tr.flax_variables(module)
+    optimizer = tr.make_adam(module, config.lr)
+    torch_step = _torch_step(module, optimizer, config, images, jax.random.fold_in(key, 0))
     torch_grads = dict(jax.tree_util.tree_flatten_with_path(tr.flax_grads(module))[0])
+    for k in range(1, ADAM_STEPS):
+        _torch_step(module, optimizer, config, images, jax.random.fold_in(key, k))
+    assert tr.adam_steps(optimizer) == ADAM_STEPS
+    after = tr.flax_variables(module)
     with jax.enable_x64(True):
         loss, output, grads, new_state = _jax_step(config, variables, images, key)
         assert output.reconstruction.dtype == jnp.float64
         errors = {
-            "loss": relative_error(loss, torch_step.loss.numpy()),
+            "loss": relative_error(loss, torch_step.loss.numpy()) / TOL,
             "reconstruction": relative_error(output.reconstruction,
-                                             torch_step.reconstruction.numpy().transpose(0, 2, 3, 1)),
+                                             torch_step.reconstruction.numpy().transpose(0, 2, 3, 1)) / TOL,
         }
         if torch_step.latent is not None:
-            errors["latent"] = relative_error(output.latent, torch_step.latent.numpy())
-            errors["inner_loss"] = relative_error(output.metrics["inner_loss"], torch_step.inner_loss.numpy())
-        errors.update(_update_errors(grads, new_state, torch_grads, after))
+            errors["latent"] = relative_error(output.latent, torch_step.latent.numpy()) / TOL
+            errors["inner_loss"] = relative_error(output.metrics["inner_loss"], torch_step.inner_loss.numpy()) / TOL
+        errors.update(_update_errors(grads, new_state, torch_grads, after, config.lr))
     return errors
 
 
@@ -187,7 +225,7 @@ def test_one_float64_training_step_matches_pytorch(fashion_batch, fashion_batch_
     outputs = 4 if config.model in ("gon", "vgon", "implicit_gon") else 2
     bn_layers = {"ae": 6, "vae": 6, "implicit_gon": 0}.get(config.model, 3)
     assert len(errors) == outputs + 2 * zero_grads + (leaves - zero_grads) + leaves + 2 * bn_layers
-    bad = {k: v for k, v in errors.items() if not v <= TOL}
+    bad = {k: v for k, v in errors.items() if not v <= 1}
     assert not bad, bad
 
 
@@ -196,8 +234,20 @@ def test_parity_check_catches_one_perturbed_weight(fashion_batch):
         variables["params"]["deconv2"]["kernel"][1, 2, 3, 4] += 1e-3
 
     errors = _compare_one_step(Config(model="gon"), fashion_batch, perturb=perturb)
-    failing = {k for k, v in errors.items() if v > TOL}
+    failing = {k for k, v in errors.items() if v > 1}
     assert {"latent", "reconstruction"} <= failing and len(failing) > 10, failing
+
+
+def test_parity_check_catches_a_wrong_adam_beta(fashion_batch, monkeypatch):
+    """After ADAM_STEPS steps the parameters see Adam's moments: gonjax with b2 = 0.99 instead of the spec's 0.999
+    fails the comparison in the parameters (and the BN statistics they produce), though its first step (losses,
+    reconstruction, gradients) still agrees."""
+    adam = optax.adam
+    monkeypatch.setattr(optax, "adam", lambda lr, b1, b2, eps: adam(lr, b1=b1, b2=0.99, eps=eps))
+    errors = _compare_one_step(Config(model="ae"), fashion_batch[:16])
+    failing = {k for k, v in errors.items() if v > 1}
+    assert failing and all(k.startswith(("param ", "state ")) for k in failing), failing
+    assert len([k for k in failing if k.startswith("param ")]) > 10, failing
 
 
 def _float32_losses(model: str, batches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -243,7 +293,8 @@ def fashion_train_batches(shared_data, tfds_dir) -> np.ndarray:
 
 
 # model: (steps, first-step rtol, window rtol), bounds about 4x the relative differences measured on this
-# 2-core EPYC (first step / worst window of 20 steps):
+# project's 2-core AMD EPYC, CPU family 25, XLA:CPU of jax 0.10.2 against PyTorch 2.13.0 (first step / worst
+# window of 20 steps; another CPU or library version sums in another order and may need these measured again):
 # - GON 5.6e-5 / 3.1e-3: its origin step amplifies float32 rounding by ~1/sqrt(eps) per zero-variance BN
 #   (GON-SPEC 3), so the trajectories separate like two runs of one framework under different summation orders and
 #   only the curve can agree (the loss falls from 0.145 to 0.034; the detached GON, the nearest wrong model, is
@@ -305,25 +356,29 @@ def _compare_peer_step(config: Config, images: np.ndarray) -> dict[str, float]:
         coords, target = None, tr.nhwc(images)
     else:
         coords, target = pr.coordinate_input(*images.shape[:2]), torch.from_numpy(images)
-    step = pr.peer_train_step(gon, tr.make_adam(gon, config.lr), coords, target)
-    after = pr.flax_variables(gon)
+    optimizer = tr.make_adam(gon, config.lr)
+    step = pr.peer_train_step(gon, optimizer, coords, target)
     peer_grads = dict(jax.tree_util.tree_flatten_with_path(pr.flax_grads(gon))[0])
+    for _ in range(1, ADAM_STEPS):
+        pr.peer_train_step(gon, optimizer, coords, target)
+    after = pr.flax_variables(gon)
     output_nhwc = step.output.numpy().transpose(0, 2, 3, 1) if config.model == "gon" else step.output.numpy()
     with jax.enable_x64(True):
         loss, output, grads, new_state = _jax_step(config, variables, images, jax.random.PRNGKey(0))
         inner_key = "last_inner_loss" if config.latent_updates > 1 else "inner_loss"
-        errors = {"loss": relative_error(loss, step.loss.numpy()),
-                  "inner_loss": relative_error(output.metrics[inner_key], step.inner_loss.numpy()),
-                  "latent": relative_error(output.latent, step.latent.numpy()),
-                  "reconstruction": relative_error(output.reconstruction, output_nhwc)}
-        errors.update(_update_errors(grads, new_state, peer_grads, after))
+        tol = PEER_GON_TOL if config.model == "gon" else TOL
+        errors = {"loss": relative_error(loss, step.loss.numpy()) / tol,
+                  "inner_loss": relative_error(output.metrics[inner_key], step.inner_loss.numpy()) / tol,
+                  "latent": relative_error(output.latent, step.latent.numpy()) / tol,
+                  "reconstruction": relative_error(output.reconstruction, output_nhwc) / tol}
+        errors.update(_update_errors(grads, new_state, peer_grads, after, config.lr, tol))
     return errors
 
 
 @pytest.mark.parametrize("case", list(PEER_CASES))
 def test_one_float64_step_matches_gon_pytorch(fashion_batch, fashion_batch_28, case):
     """Latent after N updates, both losses, the reconstruction, every gradient (the learned origin's included),
-    the parameters after Adam and the model state (BN statistics, Fourier projection) agree to TOL."""
+    the parameters after Adam and the model state (BN statistics, Fourier projection) agree within their bounds."""
     config = PEER_CASES[case]
     images = (fashion_batch_28[:4] if config.model == "implicit_gon" else fashion_batch[:8])
     errors = _compare_peer_step(config, images)
@@ -334,7 +389,7 @@ def test_one_float64_step_matches_gon_pytorch(fashion_batch, fashion_batch_28, c
     assert ("modulation" in " ".join(errors)) == config.modulation
     zero_grads = 3 if config.model == "gon" else 0  # BIAS_BEFORE_BN: one entry per side
     assert len(errors) == 4 + 2 * leaves + zero_grads + state_leaves, sorted(errors)
-    bad = {k: v for k, v in errors.items() if not v <= TOL}
+    bad = {k: v for k, v in errors.items() if not v <= 1}
     assert not bad, bad
 
 
