@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from gonjax import resources
-from gonjax.errors import UsageError
+from gonjax.errors import CheckpointMismatchError, UsageError
 from gonjax.steps import TrainState
 
 FOLDER, DAMAGED_FOLDER = "checkpoints", "damaged_checkpoints"
@@ -62,12 +62,54 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState, run_path:
         raise
 
 
+def mismatch(checkpoint: Path, target: dict) -> str | None:
+    """How the checkpoint folder `checkpoint` (checkpoints/<step>) differs in structure from `target` (a state
+    dict of ShapeDtypeStructs): the first leaf missing on either side or of another shape or dtype, in words; None
+    when they match, or when the checkpoint's own description cannot be read (a damaged one: restoring says so)."""
+    try:
+        saved = _leaves(ocp.StandardCheckpointer().metadata(Path(checkpoint) / "default").item_metadata)
+    except Exception:  # noqa: BLE001 - an unreadable description: the restore below reports the damage
+        return None
+    wanted = _leaves(target)
+    order = ("params/", "batch_stats/", "latent_bank", "opt_state/", "step")  # params first
+    for name in sorted(set(saved) | set(wanted), key=lambda n: (next((i for i, top in enumerate(order)
+                                                                         if n.startswith(top)), len(order)), n)):
+        if name not in saved:
+            return f"it has no {name}, which these settings build"
+        if name not in wanted:
+            return f"it holds {name}, which these settings do not build"
+        have, want = saved[name], wanted[name]
+        if tuple(have.shape) != tuple(want.shape) or str(have.dtype) != str(want.dtype):
+            return (f"it holds {name} as {str(have.dtype)}{list(have.shape)}, these settings build "
+                    f"{str(want.dtype)}{list(want.shape)}")
+    return None
+
+
+def _leaves(tree) -> dict:
+    """{"params/bn1/bias": leaf, ...}: a tree's leaves by a path that reads the same for a saved tree (whose
+    named tuples come back as dicts or lists) and a live one."""
+    def name(key) -> str:
+        for field in ("key", "idx", "name"):
+            if hasattr(key, field):
+                return str(getattr(key, field))
+        return str(key)
+
+    return {"/".join(name(k) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def restore_intact(manager: ocp.CheckpointManager, state: TrainState,
                    on_damaged: Callable[[int, str], None]) -> TrainState | None:
     """The state of the newest checkpoint that restores and holds only finite numbers, or None when there is none.
-    `on_damaged(step, reason)` is told of every newer one that does not (a truncated or corrupted file)."""
+    `on_damaged(step, reason)` is told of every newer one that does not (a truncated or corrupted file). A
+    checkpoint of another structure (other settings, or a gonjax that builds another parameter tree) is not
+    damaged: it is a CheckpointMismatchError, and nothing is moved or truncated."""
     target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_dict(state))
     for step in sorted(manager.all_steps(), reverse=True):
+        different = mismatch(Path(manager.directory) / str(step), target)
+        if different is not None:
+            raise CheckpointMismatchError(
+                f"{Path(manager.directory)} / step {step} does not fit these settings ({different}); rerun with "
+                "the settings in its config.json, or choose another --workdir")
         try:
             restored = manager.restore(step, args=ocp.args.StandardRestore(target))
         except Exception as error:  # noqa: BLE001 - tensorstore and orbax raise many types for a damaged file

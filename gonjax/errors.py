@@ -22,6 +22,10 @@ class RunInUseError(UsageError):
                          "or choose another --workdir")
 
 
+class CheckpointMismatchError(UsageError):
+    """A run folder's checkpoint was written for another parameter tree than the one these settings build."""
+
+
 class DataError(GonjaxError):
     """A dataset that cannot be found, downloaded or read."""
 

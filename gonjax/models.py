@@ -1,7 +1,9 @@
 """Flax modules of GON-SPEC section 2, with PyTorch's default initialisation (section 2.5).
 
 Every module works in NHWC. Parameter layouts are flax's own; `benchmarks/` ports PyTorch weights into them
-(GON-SPEC 2.1 gives the kernel mapping).
+(GON-SPEC 2.1 gives the kernel mapping). All of section 2 lives here, as in flax's examples' models.py (about 460
+lines): the conv layers with PyTorch's semantics, the batch-statistics BN, the decoder and encoder, the three
+latent-image models built from them, and the SIREN with its encodings.
 """
 from __future__ import annotations
 

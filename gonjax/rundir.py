@@ -70,8 +70,13 @@ class RunDir:
                 raise UsageError(f"--workdir {self.path} holds a different run ({listed}); "
                                  "choose another --workdir or rerun with its settings")
         elif self.path.exists() and (not self.path.is_dir()
-                                     or any(p.name != self.LOCK for p in self.path.iterdir())):
+                                     or any(not self._being_created(p.name) for p in self.path.iterdir())):
             raise UsageError(f"--workdir {self.path} exists and is not a gonjax run; choose another --workdir")
+
+    def _being_created(self, name: str) -> bool:
+        """Whether a file is what a run folder holds while another process creates it: the lock, or config.json
+        being written (`files.write_atomic`'s hidden partial file)."""
+        return name == self.LOCK or (name.startswith(".config.json.") and ".partial" in name)
 
     def _acquire_lock(self) -> None:
         if fcntl is None:  # no advisory locks on this platform (Windows): unguarded, as before

@@ -268,3 +268,21 @@ def test_a_loss_that_does_not_move_is_warned_about():
     assert not train._loss_is_flat(windows(flat)[3:])  # rows from the start lost: cannot say
     noisy_but_learning = [0.19] + list(np.linspace(0.19, 0.15, 19))
     assert not train._loss_is_flat(windows(noisy_but_learning))
+
+
+def test_a_checkpoint_of_other_settings_is_refused_and_nothing_is_moved(shared_data, tfds_dir, tmp_path):
+    """A run folder whose config.json was edited (ngf 4 -> 8), or a gonjax that builds another parameter tree:
+    its intact checkpoints are not "damaged". The run is refused in one line naming the first leaf that differs,
+    and no checkpoint is moved aside and no metrics row is dropped."""
+    run = tmp_path / "run"
+    train.train_and_evaluate(_config(shared_data, tfds_dir, max_steps=2, eval_batches=1), run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "ngf": 8}))
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.suffix == ".jsonl"}
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    with pytest.raises(UsageError, match=r"step 2 does not fit these settings \(it holds params/bn1/bias as "
+                                         r"float32\[16\], these settings build float32\[32\]\)"):
+        train.train_and_evaluate(_config(shared_data, tfds_dir, max_steps=3, eval_batches=1, ngf=8), run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints
+    assert not (run / "damaged_checkpoints").exists()
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.suffix == ".jsonl"} == before

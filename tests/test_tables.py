@@ -159,3 +159,30 @@ def test_a_report_archive_carries_an_unfinished_run_to_a_new_machine(shared_data
     assert strip(_records(tmp_path / "new" / run)) == strip(_records(tmp_path / "straight" / run))
     assert [r["epoch"] for r in _records(tmp_path / "new" / run)] == [0, 1, 2, 3]
     assert sorted(p.name for p in (archived / "checkpoints").iterdir()) == ["54"]  # still short of 500: kept, newer
+
+
+def test_two_workers_on_one_results_folder_take_disjoint_cells_and_write_one_report(shared_data, tfds_dir, tmp_path):
+    """The documented way to scale the suite (docs/cli.md): N workers started with the same command share the
+    cells through the run folders' locks; no cell is trained twice, nothing is lost, one report holds them all."""
+    out = tmp_path / "results"
+    args = ["--table", "1", "--datasets", "coil20", "--rows", "gon,gon_detached,ae,ae_32_256", "--max-epochs", "1",
+            "--results", out, "--manual-dir", shared_data, "--data-dir", tfds_dir]
+    workers = [_tables(*args) for _ in range(2)]
+    outputs = [worker.communicate(timeout=900) for worker in workers]
+    for worker, (stdout, stderr) in zip(workers, outputs):
+        assert worker.returncode == 0, stderr[-3000:]
+    folders = [f"table1/{row}/coil20/seed0" for row in ("gon", "gon_detached", "ae", "ae_32_256")]
+
+    def trained(stdout, stderr):  # folders this worker trained: started, and not skipped or found finished
+        return {f for f in folders if f"{f}: training to epoch" in stdout and f"{f}: skipped" not in stderr
+                and f"{f}: this run already finished" not in stdout}
+
+    mine = [trained(*output) for output in outputs]
+    assert not mine[0] & mine[1], mine
+    assert mine[0] | mine[1] == set(folders), mine
+    for folder in folders:  # each trained once: one evaluation per epoch, one checkpoint per evaluation
+        assert [r["epoch"] for r in _records(out / folder)] == [0, 1]
+    report = run_main("tables", *args, "--report")
+    assert report.returncode == 0, report.stderr[-3000:]
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert sorted(c["run"] for c in cells) == sorted(folders) and {c["status"] for c in cells} == {"capped"}
