@@ -90,9 +90,31 @@ def join_processes(args: argparse.Namespace) -> None:
 
 
 def config_from_args(args: argparse.Namespace, model: str) -> Config:
-    """The flags given, and for those left out the spec's settings for the model and dataset (Config fills them)."""
+    """The flags given, and for those left out the spec's settings for the model and dataset (Config fills them).
+    Data locations are stored absolute, so the run folder works from any current folder."""
     names = {f.name for f in dataclasses.fields(Config)}
-    return Config(model=model, **{k: v for k, v in vars(args).items() if k in names})
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values.update(data_locations(args))
+    return Config(model=model, **values)
+
+
+def data_locations(args: argparse.Namespace) -> dict:
+    """--data-dir and --manual-dir as given, made absolute (None where not given)."""
+    return {name: None if getattr(args, name, None) is None else str(Path(getattr(args, name)).expanduser().absolute())
+            for name in ("data_dir", "manual_dir")}
+
+
+def add_data_overrides(parser: argparse.ArgumentParser) -> None:
+    """--data-dir / --manual-dir for the tools that read a trained run's dataset (sample, render)."""
+    parser.add_argument("--data-dir", default=None, help="TFDS data dir to read the dataset from (default: the run's)")
+    parser.add_argument("--manual-dir", default=None,
+                        help="folder of official dataset files (default: the run's --manual-dir)")
+
+
+def with_data_overrides(config: Config, args: argparse.Namespace) -> Config:
+    """The run's config with the data locations given on this command line, if any."""
+    given = {k: v for k, v in data_locations(args).items() if v is not None}
+    return dataclasses.replace(config, **given) if given else config
 
 
 def default_workdir(config: Config) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments.cli import STOP, OneLineParser, report_errors
+from experiments.cli import STOP, OneLineParser, add_data_overrides, report_errors, with_data_overrides
 from gonjax import files, plots, render, resources, xla
 from gonjax.data import input_pipeline
 from gonjax.errors import UsageError
@@ -33,11 +33,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the Gaussian samples")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder to create for the pictures (default: RUN/render_<resolution>_seed<seed>)")
+    add_data_overrides(parser)
     args = parser.parse_args(argv)
 
     def draw():
         run = load_run(args.workdir)
-        config, model, state, data_info = run.config, run.model, run.state, run.data_info
+        config, model, state, data_info = with_data_overrides(run.config, args), run.model, run.state, run.data_info
         if model.render is None:
             raise UsageError(f"{config.run_name} is not a function of coordinates; render needs an Implicit GON run")
         if args.resolution < 2 or not 1 <= args.n <= config.batch_size:

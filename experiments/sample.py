@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments.cli import STOP, OneLineParser, report_errors
+from experiments.cli import STOP, OneLineParser, add_data_overrides, report_errors, with_data_overrides
 from gonjax import files, plots, resources, xla
 from gonjax.data import input_pipeline
 from gonjax.errors import UsageError, stop_if_requested
@@ -57,13 +57,14 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=64, help="how many images (decoded in batches of the run's batch size)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="PNG to write (default: in the run folder)")
+    add_data_overrides(parser)
     args = parser.parse_args(argv)
 
     def draw():
         if args.n < 1:
             raise UsageError("--n must be at least 1")
         run = load_run(args.workdir)
-        config, model, state, data_info = run.config, run.model, run.state, run.data_info
+        config, model, state, data_info = with_data_overrides(run.config, args), run.model, run.state, run.data_info
         kind = args.kind or ("samples" if model.sample else "reconstructions")
         out = args.out or Path(args.workdir) / f"{kind}_seed{args.seed}_n{args.n}.png"
         if out.exists():

@@ -201,7 +201,7 @@ def main(argv=None) -> int:
         if args.report:
             read = write_report()
         else:
-            data_flags = {"data_dir": args.data_dir, "manual_dir": args.manual_dir}
+            data_flags = cli.data_locations(args)
             try:
                 archive = Path(args.out) / suite.ARCHIVE if args.out else None
                 failures = run_cells(cells, results_dir, args.max_epochs, data_flags, write_report, args.eval_every,

@@ -286,3 +286,33 @@ def test_a_checkpoint_of_other_settings_is_refused_and_nothing_is_moved(shared_d
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints
     assert not (run / "damaged_checkpoints").exists()
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.suffix == ".jsonl"} == before
+
+
+def test_a_run_folder_is_self_contained_and_sample_takes_data_overrides(shared_data, tfds_dir, tmp_path, monkeypatch):
+    """Data locations typed relative are stored absolute, so `sample` works from any folder and creates nothing
+    there; `--data-dir` / `--manual-dir` on `sample` override the run's."""
+    where = tmp_path / "where"
+    where.mkdir()
+    (where / "official").symlink_to(shared_data)
+    (where / "tfds").symlink_to(tfds_dir)
+    monkeypatch.chdir(where)
+    trained = run_main("gon", "--dataset", "coil20", "--manual-dir", "official", "--data-dir", "tfds", "--ngf", 4,
+                       "--nz", 8, "--max-steps", 1, "--eval-batches", 1, "--workdir", tmp_path / "run")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["manual_dir"], config["data_dir"]) == (str(where / "official"), str(where / "tfds"))
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    drawn = run_main("sample", "--workdir", tmp_path / "run", "--n", 4, "--out", "recon.png")
+    assert drawn.returncode == 0, drawn.stderr[-2000:]
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["recon.png"]  # nothing else created here
+
+    (where / "tfds").rename(where / "moved")  # the data moved: the run's own locations are gone
+    (where / "official").unlink()
+    gone = run_main("sample", "--workdir", tmp_path / "run", "--n", 4, "--out", "again.png")
+    assert gone.returncode == 1 and len(gone.stderr.strip().splitlines()) == 1, gone.stderr
+    moved = run_main("sample", "--workdir", tmp_path / "run", "--n", 4, "--out", "again.png",
+                     "--data-dir", where / "moved", "--manual-dir", shared_data)
+    assert moved.returncode == 0, moved.stderr[-2000:]
