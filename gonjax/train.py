@@ -16,6 +16,7 @@ it. A run folder holds:
                    epochs; recon_step<N>.png for a stop mid-epoch)
   samples_<E>.png  64 images decoded from the prior, for models that have one (V-GON, VAE)
   curves.png       train/test metric against epoch
+  tensorboard/     the same records and pictures as TensorBoard events (gonjax.events)
   checkpoints/     orbax checkpoints of step, params, BN state and optimizer state
   damaged_checkpoints/  checkpoints found damaged on resume, set aside (the run resumed from an intact one)
   .lock            held (flock) while a process works in the folder
@@ -41,6 +42,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from gonjax import checkpoints, parallel, plots, resources, xla
+from gonjax.events import EventLog
 from gonjax.catalog import SPLIT_SIZES
 from gonjax.config import Config
 from gonjax.data import input_pipeline
@@ -142,6 +144,7 @@ class _Replica:
     train_rng: np.ndarray
     eval_rng: np.ndarray
     sample_rng: np.ndarray
+    events: EventLog | None = None  # process 0's TensorBoard events
     train_seconds: float = 0.0
     warned: bool = False  # a flat loss is warned about once per process
 
@@ -188,7 +191,7 @@ def _train(runs: list[RunDir], model: Model, should_stop: Callable[[], bool] | N
     replicas = []
     try:
         for run in runs:
-            replicas.append(_open_replica(run, init_state, single))
+            replicas.append(_open_replica(run, init_state, single, steps_per_epoch))
         while True:
             steps = sorted({replica.step for replica in replicas})
             if len(steps) == 1 or steps[0] >= total_steps or steps[1] > total_steps:
@@ -200,12 +203,14 @@ def _train(runs: list[RunDir], model: Model, should_stop: Callable[[], bool] | N
         for replica in replicas:
             replica.manager.wait_until_finished()
             replica.manager.close()
+            if replica.events is not None:
+                replica.events.close()
     return [replica.records for replica in replicas]
 
 
-def _open_replica(run: RunDir, init_state: Callable, layout: parallel.Layout) -> _Replica:
+def _open_replica(run: RunDir, init_state: Callable, layout: parallel.Layout, steps_per_epoch: int) -> _Replica:
     """A run's keys, its checkpoint manager and its latest intact state (damaged checkpoints set aside), or a
-    fresh state; its records up to that state's step."""
+    fresh state; its records up to that state's step, and (process 0) its TensorBoard events rebuilt from them."""
     init_rng, train_rng, eval_rng, sample_rng = (
         np.asarray(key) for key in jax.random.split(jax.random.PRNGKey(run.config.seed), 4))
     state = init_state(layout.put(init_rng, layout.replicated))
@@ -226,9 +231,10 @@ def _open_replica(run: RunDir, init_state: Callable, layout: parallel.Layout) ->
                   flush=True)
     step = int(state.step)
     records = run.read_metrics(up_to_step=step)
-    return _Replica(run=run, manager=manager, state=state, records=records,
-                    windows=run.read_metrics(up_to_step=step, name="train_metrics.jsonl"),
-                    train_rng=train_rng, eval_rng=eval_rng, sample_rng=sample_rng,
+    windows = run.read_metrics(up_to_step=step, name="train_metrics.jsonl")
+    events = EventLog(run.path, records, windows, steps_per_epoch) if run.primary else None
+    return _Replica(run=run, manager=manager, state=state, records=records, windows=windows,
+                    train_rng=train_rng, eval_rng=eval_rng, sample_rng=sample_rng, events=events,
                     train_seconds=records[-1]["seconds"] if records else 0.0)
 
 
@@ -363,6 +369,8 @@ def _log_window(job: _Job, group: _Group, meter: "StepMeter", step: int) -> dict
                "steps_per_s": window["steps_per_s"], "images_per_s": window["images_per_s"]}
         r.run.append_metrics(row, "train_metrics.jsonl")
         r.windows.append(row)
+        if r.events is not None:
+            r.events.add_window(row)
         if not r.warned and _loss_is_flat(r.windows):
             r.warned = True
             _say(f"{r.run.path}: warning: the training loss has not improved in {step} steps "
@@ -386,9 +394,14 @@ def _evaluate_and_act(job: _Job, group: _Group, step: int, group_end: bool = Fal
         if not r.has_record(step):
             r.run.append_metrics(record)
             r.records.append(record)
+            if r.events is not None:
+                r.events.add_record(record)
         if r.run.primary:
-            _draw(r, record, pictures[0], group.of_replica(pictures[1], k),
-                  None if samples is None else group.of_replica(samples, k), last, step, metric)
+            drawn = _draw(r, record, pictures[0], group.of_replica(pictures[1], k),
+                          None if samples is None else group.of_replica(samples, k), last, step, metric)
+            for kind, path in drawn:
+                r.events.add_picture(kind, path, step)
+            r.events.flush()
         _say(f"{group.prefix(r)}epoch {record['epoch']} step {step}: train {metric} {record[f'train_{metric}']:.6g} "
              f"test {metric} {record[f'test_{metric}']:.6g} loss {record['train_loss']:.6g}/"
              f"{record['test_loss']:.6g} ({record['eval_seconds']:.1f}s eval)")
@@ -451,18 +464,21 @@ def draws_pictures(epoch: int | float, last: bool) -> bool:
 
 
 def _draw(r: _Replica, record: dict, images: np.ndarray, reconstruction: np.ndarray, samples, last: bool,
-          step: int, metric: str) -> None:
+          step: int, metric: str) -> list[tuple[str, Path]]:
     """A run's pictures after an evaluation: reconstructions (and samples) where `draws_pictures` says, and the
-    curves."""
+    curves. Returns the pictures drawn, as (kind, path)."""
+    drawn = []
     if draws_pictures(record["epoch"], last):
         suffix = f"{record['epoch']}" if isinstance(record["epoch"], int) else f"step{step}"
-        plots.save_reconstructions(r.run.path / f"recon_{suffix}.png", images, reconstruction,
-                                   title=f"(epoch {record['epoch']})")
+        drawn.append(("recon", r.run.path / f"recon_{suffix}.png"))
+        plots.save_reconstructions(drawn[-1][1], images, reconstruction, title=f"(epoch {record['epoch']})")
         if samples is not None:
-            plots.save_grids(r.run.path / f"samples_{suffix}.png", [plots.image_grid(samples)],
+            drawn.append(("samples", r.run.path / f"samples_{suffix}.png"))
+            plots.save_grids(drawn[-1][1], [plots.image_grid(samples)],
                              [f"samples from the prior (epoch {record['epoch']})"])
     plots.save_curves(r.run.path / "curves.png", r.records, metric, "SSE / image" if metric == "sse" else "MSE",
                       r.windows)
+    return drawn
 
 
 # ---------------------------------------------------------------------------------------------------------------

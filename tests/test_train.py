@@ -1,5 +1,6 @@
 """The trainer: compile once, resume exactly, refuse to touch other runs, stop on divergence."""
 import json
+import shutil
 import re
 
 import chex
@@ -262,3 +263,31 @@ def test_torn_or_missing_metrics_rows_are_survived(shared_data, tfds_dir, tmp_pa
     records = train.train_and_evaluate(_config(shared_data, tfds_dir, max_steps=4, eval_batches=1), run)
     assert [r["step"] for r in records] == [3, 4]
     assert "no rows before step 3" in capsys.readouterr().err
+
+
+def _events(run):
+    """The run's TensorBoard events as TensorBoard itself loads them: ({tag: [(step, value)]}, {tag: [step]})."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    images = {tag: [e.step for e in events.Images(tag)] for tag in events.Tags()["images"]}
+    return scalars, images
+
+
+def test_tensorboard_events_mirror_the_records_and_a_resume_never_duplicates(shared_data, tfds_dir, tmp_path):
+    run = tmp_path / "run"
+    records = train.train_and_evaluate(_config(shared_data, tfds_dir, epochs=2, max_steps=20, eval_batches=2), run)
+    assert [r["step"] for r in records] == [0, 18, 20]
+    # A kill after the evaluation of step 20 was written but before its checkpoint: the rerun resumes from 18.
+    shutil.rmtree(run / "checkpoints" / "20")
+    records = train.train_and_evaluate(_config(shared_data, tfds_dir, epochs=2, eval_batches=2), run)
+    assert [r["step"] for r in records] == [0, 18, 36]
+    scalars, images = _events(run)
+    for metric in ("sse", "loss"):
+        for split in ("train", "test"):
+            assert scalars[f"{metric}/{split}"] == [(r["step"], pytest.approx(r[f"{split}_{metric}"], rel=1e-6))
+                                                    for r in records]
+    windows = [json.loads(line) for line in (run / "train_metrics.jsonl").read_text().splitlines()]
+    assert [step for step, _ in scalars["loss/window"]] == [w["step"] for w in windows] == [18, 36]
+    assert images["pictures/recon"] == [0, 18, 36]  # epochs 0, 1, 2; the stop's step-20 picture is gone with it
