@@ -519,7 +519,8 @@ def report_markdown(summaries: Sequence[Summary], max_epochs: int | None, comman
              "relative difference (ours - J) / J for train / test, the epoch the values are from against the "
              "spec's schedule (a cell below its schedule is unfinished), and the hours its training steps and "
              "evaluations took (compilation, pictures and checkpoints not counted). Seeds are read at the lowest "
-             "epoch all of them reached."]
+             "epoch all of them reached.", "",
+             f"J's values are GON-SPEC 8's (`experiments/{J_RESULTS.name}`): {_J['source']}"]
     if max_epochs is not None:
         lines += ["", f"**Capped at {max_epochs} epochs (`--max-epochs {max_epochs}`): a quick pass, not the "
                       "spec's schedule.**"]

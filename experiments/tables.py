@@ -52,6 +52,22 @@ def build_parser():
     return parser
 
 
+PATH_FLAGS = {"--results": "RESULTS", "--out": "OUT", "--manual-dir": "DATA", "--data-dir": "TFDS"}
+
+
+def _placeholders(argv: list[str]) -> list[str]:
+    """argv with the machine's own paths (after --results, --out, --manual-dir, --data-dir) written as names,
+    for the report's "written by" line: the committed report names no folder of the machine that wrote it."""
+    shown = list(argv)
+    for index, arg in enumerate(argv):
+        flag, _, value = arg.partition("=")
+        if flag in PATH_FLAGS and value:
+            shown[index] = f"{flag}={PATH_FLAGS[flag]}"
+        elif arg in PATH_FLAGS and index + 1 < len(argv):
+            shown[index + 1] = PATH_FLAGS[arg]
+    return shown
+
+
 def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -192,7 +208,7 @@ def main(argv=None) -> int:
                     Path(folder).mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise UsageError(f"cannot create {flag} {folder} ({error.strerror or error})") from None
-        command = " ".join([PROG, *map(shlex.quote, argv)])
+        command = " ".join([PROG, *map(shlex.quote, _placeholders(argv))])
 
         def write_report():
             return suite.write_report(cells, results_dir, args.out, max_epochs=args.max_epochs, command=command)
