@@ -23,6 +23,8 @@ LOSSES = ("spec", "peer_bce")  # the spec's losses, or gon-pytorch's inner / out
 ACTIVATION_NAMES = ("elu", "relu", "selu")  # gonjax.models.ACTIVATIONS
 DECONV_IMPLS = ("taps", "subpixel", "dilated")  # gonjax.models.TorchConvTranspose
 KERNELS = ("xla_cpu", "autodiff")  # gonjax.kernels' tuned custom-VJP kernels, or JAX's own primitives
+KERNEL_CHOICES = ("auto",) + KERNELS  # auto: by backend (backend_kernels)
+MATMUL_PRECISIONS = ("highest", "high", "default")  # jax.default_matmul_precision of every step (backend_precision)
 POSITION_ENCODINGS = ("none", "fourier", "nerf")  # gonjax.models.Siren
 
 
@@ -62,7 +64,8 @@ def _has_type(value, annotation: str) -> bool:
 # Fields that may change when a run is resumed; every other field must match the saved config.json.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "data_dir", "manual_dir", "keep_checkpoints", "devices",
                                "eval_every", "checkpoint_every",  # when the run looks at itself, not what it trains
-                               "deconv_impl", "kernels", "origin_shortcut"})  # the same function computed another way
+                               "deconv_impl", "kernels", "origin_shortcut",  # the same function computed another way
+                               "matmul_precision"})  # ... at another rounding of its contractions (not on CPU)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +105,12 @@ class Config:
     keep_checkpoints: int = setting(3, "how many of the latest checkpoints to keep")
     deconv_impl: str = setting("taps", "how the transposed convolutions are computed (the same function)",
                                models=CONV_MODELS, choices=DECONV_IMPLS)
-    kernels: str = setting("xla_cpu", "`autodiff`: JAX's own primitives only, for forward-mode transforms "
-                                      "(gonjax.kernels)", choices=KERNELS)
+    kernels: str = setting("auto", "`xla_cpu`: gonjax.kernels' XLA:CPU-tuned custom-VJP kernels; `autodiff`: JAX's "
+                                   "own primitives (forward-mode transforms work); `auto`: xla_cpu on a CPU, "
+                                   "autodiff on any other backend", choices=KERNEL_CHOICES)
+    matmul_precision: str = setting("highest", "precision of every matmul and convolution on a GPU or TPU "
+                                               "(`highest`: float32; `default` lets a GPU round operands to TF32); "
+                                               "a CPU computes float32 whatever it says", choices=MATMUL_PRECISIONS)
     origin_shortcut: bool = setting(True, "inner pass at z0 from one decoded example (gonjax.origin)",
                                     models=("gon", "implicit_gon"), flag=False)
     eval_batches: int | None = setting(None, "evaluate on the first N batches of each split only (records then "
@@ -234,6 +241,24 @@ class Config:
             if a != b and field.name not in RESUMABLE_CHANGES:
                 diff[field.name] = (a, b)
         return diff
+
+
+def backend_kernels(kernels: str, backend: str) -> str:
+    """The kernels a model is built with on `backend` ("cpu", "cuda", "rocm", "tpu", ...): `auto` is the
+    XLA:CPU-tuned kernels on a CPU, where they were measured faster (benchmarks/README.md), and JAX's own
+    primitives everywhere else (cuDNN / cuBLAS convolutions and matmuls); an explicit choice is kept."""
+    if kernels != "auto":
+        return kernels
+    return "xla_cpu" if backend == "cpu" else "autodiff"
+
+
+def backend_precision(precision: str, backend: str) -> str | None:
+    """The `jax.default_matmul_precision` a model's computations are traced under on `backend`, or None for none.
+    On a GPU JAX's default float32 contraction is TF32 (a 10-bit mantissa), about 100 times float32's error in a
+    GON step (its origin step amplifies rounding, GON-SPEC 3), so the default pins `highest`. XLA:CPU computes
+    float32 contractions in float32 whatever the attribute: nothing is pinned there, so CPU programs stay the ones
+    measured."""
+    return None if backend == "cpu" else precision
 
 
 def flag_name(field_name: str) -> str:

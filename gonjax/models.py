@@ -178,6 +178,7 @@ class TorchConv(nn.Module):
     features: int
     stride: int
     padding: int
+    kernels: str = "xla_cpu"  # KERNELS: "autodiff" computes a narrow input as a convolution, not im2col
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -190,7 +191,7 @@ class TorchConv(nn.Module):
         s, p = self.stride, self.padding
         if (h, w, p) == (4, 4, 0):
             return (x.reshape(n, -1) @ kernel.reshape(-1, self.features)).reshape(n, 1, 1, -1) + bias
-        if cin <= IM2COL_MAX_IN_FEATURES:
+        if cin <= IM2COL_MAX_IN_FEATURES and self.kernels == "xla_cpu":
             return tuned.im2col_conv(x, kernel, s, p) + bias
         y = jax.lax.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)),
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -219,9 +220,9 @@ class ConvEncoder(nn.Module):
         act = ACTIVATIONS[self.activation]
         widths = (self.ngf, 2 * self.ngf, 4 * self.ngf)
         for i, width in enumerate(widths):
-            x = TorchConv(width, stride=2, padding=1, name=f"conv{i + 1}")(x)
+            x = TorchConv(width, stride=2, padding=1, kernels=self.kernels, name=f"conv{i + 1}")(x)
             x = act(BatchStatNorm(kernels=self.kernels, name=f"bn{i + 1}")(x))
-        x = act(TorchConv(self.nz, stride=1, padding=0, name="conv4")(x))
+        x = act(TorchConv(self.nz, stride=1, padding=0, kernels=self.kernels, name="conv4")(x))
         return x.reshape(x.shape[0], -1)
 
 

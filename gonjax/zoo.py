@@ -10,6 +10,7 @@ draws pictures through the same loop. A model's `apply` is pure and returns
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from gonjax import losses, origin
-from gonjax.config import Config
+from gonjax.config import Config, backend_kernels, backend_precision
 from gonjax.catalog import NATIVE_SIZE
 from gonjax.models import ConvAutoencoder, ConvDecoder, ConvVAE, Siren, VariationalGONFunction, coordinate_grid
 
@@ -377,6 +378,31 @@ MODELS: dict[str, Callable[[Config, int], Model]] = {
     "gon": gon, "vgon": vgon, "ae": ae, "vae": vae, "implicit_gon": implicit_gon}
 
 
-def build_model(config: Config, nc: int) -> Model:
-    """The registered model `config.model` for images with `nc` channels."""
-    return MODELS[config.model](config, nc)
+def build_model(config: Config, nc: int, backend: str | None = None) -> Model:
+    """The registered model `config.model` for images with `nc` channels, built for `backend` (default: JAX's
+    default backend): with the kernels `config.kernels` resolves to there, and every function of the model traced
+    under the matmul precision `config.matmul_precision` pins there (`config.backend_kernels`,
+    `config.backend_precision`), so whoever jits its functions gets that precision in the program."""
+    backend = backend or jax.default_backend()
+    config = dataclasses.replace(config, kernels=backend_kernels(config.kernels, backend))
+    model = MODELS[config.model](config, nc)
+    precision = backend_precision(config.matmul_precision, backend)
+    if precision is None:
+        return model
+    pinned = {name: _traced_at(getattr(model, name), precision)
+              for name in ("init", "apply", "encode", "decode", "sample", "render")}
+    return dataclasses.replace(model, **pinned)
+
+
+def _traced_at(fn, precision: str):
+    """`fn` traced under `jax.default_matmul_precision(precision)`: every contraction it binds, and the ones its
+    derivatives bind (they inherit the primitive's precision), carries that precision."""
+    if fn is None:
+        return None
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.default_matmul_precision(precision):
+            return fn(*args, **kwargs)
+
+    return traced

@@ -72,7 +72,7 @@ def test_cli_and_suite_build_the_library_config(model):
     (dict(batch_size=64.5), "--batch-size must be an integer, got 64.5"),
     (dict(nz="256"), "--nz must be an integer or None, got '256'"),
     (dict(activation="tanh"), "--activation must be one of elu, relu, selu"),
-    (dict(kernels="cuda"), "--kernels must be one of xla_cpu, autodiff"),
+    (dict(kernels="cuda"), "--kernels must be one of auto, xla_cpu, autodiff"),
 ])
 def test_settings_are_checked_from_their_declarations(overrides, message):
     with pytest.raises(UsageError, match=re.escape(message)):

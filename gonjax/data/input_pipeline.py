@@ -20,10 +20,8 @@ import fcntl
 import os
 import socket
 import urllib.parse
-from collections.abc import Iterator
 from pathlib import Path
 
-import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
