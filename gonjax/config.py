@@ -120,7 +120,7 @@ class Config:
     checkpoint_every: int | None = setting(None, "checkpoint after every N-th epoch and at the end; a kill loses "
                                                  "up to N epochs", default_doc="as --eval-every")
     devices: int | None = setting(None, "split each batch over this many devices (docs/scaling.md)",
-                                  default_doc="all")
+                                  default_doc="1 (--seeds: as many as divide the seeds; several processes: all)")
     # Variants of the origin step (docs/spec.md "Variants"). Defaults are the spec's.
     latent_updates: int = setting(1, "N updates z <- z - step * grad L_in(z), each differentiable (second order "
                                      "through all N)", models=ORIGIN_MODELS)

@@ -191,3 +191,13 @@ def test_a_killed_process_stops_the_other_with_one_line(shared_data, tfds_dir, t
     lines = [line for line in err.splitlines() if "error" in line]
     assert len(lines) == 1 and "lost contact with another process of this run" in lines[0], err[-3000:]
     assert "Traceback" not in err
+
+
+def test_a_run_uses_one_device_by_default_and_stacked_seeds_spread_over_devices_first():
+    code = ("import json; from gonjax.parallel import make_layout; "
+            "print(json.dumps([dict(make_layout(None, 64, r).mesh.shape) for r in (1, 2, 3, 16)]))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(8), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [
+        {"replica": 1, "data": 1}, {"replica": 2, "data": 1}, {"replica": 3, "data": 1}, {"replica": 8, "data": 1}]
