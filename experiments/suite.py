@@ -189,7 +189,13 @@ def epoch_records(records: Sequence[dict], up_to: int) -> list[dict]:
 def read_status(results: Path) -> dict:
     """Why cells could not run, as the suite recorded it: {"datasets": {name: why}, "runs": {folder: why}}."""
     file = Path(results) / STATUS_FILE
-    status = json.loads(file.read_text()) if file.is_file() else {}
+    try:
+        status = json.loads(file.read_text()) if file.is_file() else {}
+        if not (isinstance(status, dict) and all(isinstance(status.get(k, {}), dict) for k in ("datasets", "runs"))):
+            raise ValueError("not a status object")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UsageError(f"{file} is damaged ({error}); remove it (it only records why cells could not run) and "
+                         "rerun") from None
     return {"datasets": status.get("datasets", {}), "runs": status.get("runs", {})}
 
 

@@ -17,6 +17,7 @@ from gonjax.catalog import DATASETS
 from gonjax.errors import UsageError
 
 MODEL_NAMES = ("gon", "vgon", "ae", "vae", "implicit_gon")
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32: a rate below it trains nothing
 CONV_MODELS = ("gon", "vgon", "ae", "vae")  # the models built from the conv decoder (GON-SPEC 2.1)
 ORIGIN_MODELS = ("gon", "vgon", "implicit_gon")  # the models whose latent comes from the origin step
 LOSSES = ("spec", "peer_bce")  # the spec's losses, or gon-pytorch's inner / outer BCE (gonjax.losses)
@@ -199,6 +200,11 @@ class Config:
             raise UsageError(f"--seed must be an integer from 0 to 2**63 - 1, got {self.seed}")
         if not self.lr > 0:
             raise UsageError(f"--lr must be positive, got {self.lr}")
+        for name in ("lr", "lr_drop_to"):
+            value = getattr(self, name)
+            if value is not None and 0 < value < FLOAT32_TINY:
+                raise UsageError(f"{flag_name(name)} {value} is 0 in float32, where training computes; "
+                                 f"use at least {FLOAT32_TINY:.3g}")
         if self.latent_sigma < 0:
             raise UsageError(f"--latent-sigma must be non-negative, got {self.latent_sigma}")
         if (self.lr_drop_epoch is None) != (self.lr_drop_to is None):

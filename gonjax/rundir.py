@@ -58,7 +58,7 @@ class RunDir:
             raise
 
     def _check(self, config: Config) -> None:
-        config_file = self.path / "config.json"
+        config_file = files.check_path(self.path, "--workdir") / "config.json"
         if config_file.exists():
             try:
                 saved = Config.load(config_file)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gonjax import checkpoints, render as rendering, xla
+from gonjax import checkpoints, files, render as rendering, xla
 from gonjax.config import Config
 from gonjax.errors import UsageError
 from gonjax.steps import TrainState, create_train_state, make_optimizer
@@ -113,7 +113,7 @@ class Run:
 def load_run(workdir) -> Run:
     """The run in `workdir` at its latest intact checkpoint (a damaged newer one is named on stderr and skipped).
     A folder that is not a gonjax run, or holds no checkpoint, is a UsageError."""
-    path = Path(workdir)
+    path = files.check_path(workdir, "--workdir")
     if not (path / "config.json").is_file() or not (path / "data.json").is_file():
         raise UsageError(f"{path} is not a gonjax run folder (no config.json / data.json)")
     config = Config.load(path / "config.json")

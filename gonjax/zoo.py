@@ -60,6 +60,17 @@ class Model:
     latent_bank_batches: int = 0  # keep the latents of this many recent training batches in the TrainState
 
 
+def check_images(images, nc: int, size: int, name: str, batch_norm: bool = True) -> None:
+    """A ValueError (at trace time: shapes are static) unless `images` is a batch (B, size, size, nc), with
+    B >= 2 for a model whose batch norm takes the batch's statistics (one image has no variance)."""
+    shape = tuple(images.shape)
+    if len(shape) != 4 or shape[1:] != (size, size, nc):
+        raise ValueError(f"{name} was built for images of shape (B, {size}, {size}, {nc}), got {shape}")
+    if batch_norm and shape[0] < 2:
+        raise ValueError(f"{name} normalises over the batch (batch norm, GON-SPEC 3): a batch needs at least 2 "
+                         f"images, got {shape[0]}")
+
+
 def reconstruction_metrics(reconstruction: jax.Array, images: jax.Array) -> dict[str, jax.Array]:
     """Per-batch `loss` (GON-SPEC 4.1 per-pixel loss) and `sse` (SSE/img, GON-SPEC 7)."""
     return {
@@ -184,6 +195,7 @@ def gon(config: Config, nc: int) -> Model:
     fit, inner_fit, shortcut = _origin_fits(config, decode, losses.pixel_sse_loss)
 
     def apply(params, batch_stats, images, rng, step=0):
+        check_images(images, nc, 32, config.run_name)
         loss, result = _origin_model_step(config, fit, params, batch_stats, images, rng, nz, shortcut=shortcut,
                                           inner_fit=inner_fit)
         metrics = {**reconstruction_metrics(result.output, images), "loss": loss, **_origin_metrics(result)}
@@ -232,6 +244,7 @@ def vgon(config: Config, nc: int) -> Model:
     nz = config.nz
 
     def apply(params, batch_stats, images, rng, step=0):
+        check_images(images, nc, 32, config.run_name)
         weight = kl_weight(config, step)
 
         def fit(params, batch_stats, z, images, rng):
@@ -271,11 +284,13 @@ def ae(config: Config, nc: int) -> Model:
                              deconv_impl=config.deconv_impl, kernels=config.kernels)
 
     def apply(params, batch_stats, images, rng, step=0):
+        check_images(images, nc, 32, config.run_name)
         reconstruction, batch_stats = _stateful_apply(module, params, batch_stats, images)
         metrics = reconstruction_metrics(reconstruction, images)
         return metrics["loss"], (batch_stats, ModelOutput(reconstruction, metrics))
 
     def encode(params, batch_stats, images, rng):
+        check_images(images, nc, 32, config.run_name)
         return _stateful_apply(module, params, batch_stats, images, method=lambda m, x: m.encoder(x))[0]
 
     return Model(name=config.run_name, init=lambda rng, images: dict(module.init(rng, images)), apply=apply,
@@ -294,6 +309,7 @@ def vae(config: Config, nc: int) -> Model:
     nz = config.nz
 
     def apply(params, batch_stats, images, rng, step=0):
+        check_images(images, nc, 32, config.run_name)
         noise = vae_noise(rng, (images.shape[0], nz), images.dtype)
         (reconstruction, mu, logvar), batch_stats = _stateful_apply(module, params, batch_stats, images, noise)
         loss, metrics = variational_loss(reconstruction, images, mu, logvar, kl_weight(config, step))
@@ -303,6 +319,7 @@ def vae(config: Config, nc: int) -> Model:
         return dict(module.init(rng, images, jnp.zeros((images.shape[0], nz), images.dtype)))
 
     def encode(params, batch_stats, images, rng):
+        check_images(images, nc, 32, config.run_name)
         (mu, _), _ = _stateful_apply(module, params, batch_stats, images, method=lambda m, x: _heads(m, m.encoder(x)))
         return mu
 
@@ -347,6 +364,7 @@ def implicit_gon(config: Config, nc: int) -> Model:
     fit, inner_fit, shortcut = _origin_fits(config, decode, pixel_loss, pointwise)
 
     def apply(params, state, images, rng, step=0):
+        check_images(images, nc, size, config.run_name, batch_norm=False)
         pixels = images.reshape(images.shape[0], -1, images.shape[-1])
         loss, result = _origin_model_step(config, fit, params, state, pixels, rng, nz, shortcut=shortcut,
                                           inner_fit=inner_fit)

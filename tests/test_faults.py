@@ -316,3 +316,50 @@ def test_a_run_folder_is_self_contained_and_sample_takes_data_overrides(shared_d
     moved = run_main("sample", "--workdir", tmp_path / "run", "--n", 4, "--out", "again.png",
                      "--data-dir", where / "moved", "--manual-dir", shared_data)
     assert moved.returncode == 0, moved.stderr[-2000:]
+
+
+@pytest.mark.parametrize("model, shape, message", [
+    ("gon", (4, 32, 32, 3), r"built for images of shape \(B, 32, 32, 1\), got \(4, 32, 32, 3\)"),
+    ("vgon", (4, 32, 32, 3), r"built for images of shape \(B, 32, 32, 1\)"),
+    ("vae", (4, 28, 28, 1), r"built for images of shape \(B, 32, 32, 1\), got \(4, 28, 28, 1\)"),
+    ("ae", (1, 32, 32, 1), "a batch needs at least 2 images, got 1"),
+    ("implicit_gon", (4, 32, 32, 1), r"built for images of shape \(B, 28, 28, 1\)"),
+])
+def test_the_library_refuses_images_its_model_was_not_built_for(model, shape, message):
+    import jax
+    import jax.numpy as jnp
+
+    from gonjax.zoo import build_model
+
+    built = build_model(Config(model=model, dataset="mnist", nz=8, **({} if model == "implicit_gon" else {"ngf": 4})), 1)
+    size = built.image_size
+    variables = built.init(jax.random.PRNGKey(0), jnp.zeros((2, size, size, 1)))
+    with pytest.raises(ValueError, match=message):
+        built.apply(variables["params"], variables.get("batch_stats", {}), jnp.zeros(shape), jax.random.PRNGKey(0))
+
+
+def test_records_that_are_json_but_not_records_and_a_damaged_status_file_are_one_line(shared_data, tfds_dir,
+                                                                                        tmp_path):
+    run = tmp_path / "run"
+    train.train_and_evaluate(_config(shared_data, tfds_dir, max_steps=1, eval_batches=1), run)
+    for bad in ('{"epoch": 1}', "[1, 2]"):
+        (run / "metrics.jsonl").write_text(f'{bad}\n{{"step": 1, "epoch": 0.06}}\n')
+        with pytest.raises(UsageError, match=r"metrics.jsonl line 1 is not a record of a step"):
+            train.train_and_evaluate(_config(shared_data, tfds_dir, max_steps=2, eval_batches=1), run)
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "suite_status.json").write_text("{not json")
+    report = run_main("tables", "--report", "--results", results)
+    assert report.returncode == 1 and len(report.stderr.strip().splitlines()) == 1
+    assert "suite_status.json is damaged" in report.stderr
+
+
+def test_a_too_long_workdir_and_a_rate_float32_cannot_hold_are_one_line(shared_data, tmp_path):
+    long = tmp_path / ("x" * 300)
+    for module, args in (("gon", ["--dataset", "coil20", "--manual-dir", shared_data, "--workdir", long]),
+                         ("sample", ["--workdir", long])):
+        result = run_main(module, *args)
+        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "File name too long" in result.stderr
+    tiny = run_main("gon", "--dataset", "coil20", "--lr", "1e-320", "--workdir", tmp_path / "tiny")
+    assert tiny.returncode == 1 and "is 0 in float32" in tiny.stderr and not (tmp_path / "tiny").exists()
