@@ -41,8 +41,8 @@ def check_path(path: Path, what: str) -> Path:
     except FileNotFoundError:
         pass
     except OSError as error:
-        raise UsageError(f"{what} {str(path)[:120]}{'...' if len(str(path)) > 120 else ''}: "
-                         f"{error.strerror or error}; choose another path") from None
+        raise UsageError(f"cannot use {what} {str(path)[:120]}{'...' if len(str(path)) > 120 else ''} "
+                         f"({error.strerror or error}); choose another path") from None
     return path
 
 

@@ -85,7 +85,8 @@ def test_missing_data_offline_says_how_to_use_manual_dir(tmp_path):
 def test_unwritable_workdir_is_a_one_line_error(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     result = _run("--dataset", "coil20", "--workdir", str(tmp_path / "file" / "run"))
-    _assert_one_line_error(result, "cannot write to --workdir")
+    _assert_one_line_error(result, "cannot use --workdir")
+    assert "(Not a directory)" in result.stderr
     assert (tmp_path / "file").read_text() == "not a folder"
 
 
