@@ -394,7 +394,8 @@ def restore_from_archive(results: Path, folder: Path, archive: Path) -> int | No
 
 @dataclasses.dataclass(frozen=True)
 class Summary:
-    """One table cell over its seeds, all read at the same epoch (the lowest any seed reached)."""
+    """One table cell over its seeds, read at one epoch: the lowest all of them reached, or, when some reached the
+    cell's target and others not yet, the target over those that did (`behind` are the others)."""
 
     row: Row
     dataset: str
@@ -403,6 +404,7 @@ class Summary:
     train: tuple[float, float | None] | None  # (mean, sd over seeds or None for one seed)
     test: tuple[float, float | None] | None
     hours: float | None
+    behind: tuple[CellResult, ...] = ()  # seeds still short of the target, left out of the values
 
     @property
     def seeds(self) -> int:
@@ -429,7 +431,8 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
 
 
 def summarize(results: Sequence[CellResult]) -> list[Summary]:
-    """Group seeds of the same cell; values are taken at the lowest epoch every seed reached."""
+    """Group seeds of the same cell; values are taken at the lowest epoch every seed reached, or at the target
+    over the seeds that reached it while the others are still short of it (they are named, not averaged in)."""
     groups: dict[tuple, list[CellResult]] = {}
     for result in results:
         groups.setdefault((result.cell.row.table, result.cell.row.name, result.cell.dataset), []).append(result)
@@ -440,11 +443,14 @@ def summarize(results: Sequence[CellResult]) -> list[Summary]:
         if not started:
             summaries.append(Summary(row, dataset, tuple(group), None, None, None, None))
             continue
-        epoch = min(r.epoch for r in started)
+        reached = [r for r in started if r.epoch >= r.target_epochs]
+        chosen = reached if reached else started
+        behind = tuple(r for r in started if r not in chosen)
+        epoch = min(r.epoch for r in chosen)
         # a seed known only from an earlier report has its last point alone; it counts where it has this epoch
-        at = [point for r in started for point in r.curve if point[0] == epoch]
+        at = [point for r in chosen for point in r.curve if point[0] == epoch]
         summaries.append(Summary(row, dataset, tuple(group), epoch, _mean_sd([p[1] for p in at]),
-                                 _mean_sd([p[2] for p in at]), statistics.fmean(r.hours for r in started)))
+                                 _mean_sd([p[2] for p in at]), statistics.fmean(r.hours for r in chosen), behind))
     return summaries
 
 
@@ -478,6 +484,9 @@ def format_cell(summary: Summary) -> str:
     if difference:
         lines.append(" / ".join(map(_percent, difference)))
     seeds = f", {summary.seeds} seeds" if summary.seeds > 1 else ""
+    if summary.behind:
+        short = ", ".join(f"seed {r.cell.seed} at {r.epoch}/{schedule}" for r in summary.behind)
+        seeds = f", {summary.seeds - len(summary.behind)} of {summary.seeds} seeds ({short})"
     carried = " †" if any(r.source for r in summary.results) else ""
     lines.append(f"{summary.epoch}/{schedule} ep, {_hours(summary.hours)}{seeds}"
                  + (" (failed)" if summary.status == "failed" else "") + carried)
@@ -525,7 +534,8 @@ def report_markdown(summaries: Sequence[Summary], max_epochs: int | None, comman
              "relative difference (ours - J) / J for train / test, the epoch the values are from against the "
              "spec's schedule (a cell below its schedule is unfinished), and the hours its training steps and "
              "evaluations took (compilation, pictures and checkpoints not counted). Seeds are read at the lowest "
-             "epoch all of them reached.", "",
+             "epoch all of them reached, or, while some have finished and others not, over the finished ones "
+             "(the cell names the others and how far they are).", "",
              f"J's values are GON-SPEC 8's (`experiments/{J_RESULTS.name}`): {_J['source']}"]
     if max_epochs is not None:
         lines += ["", f"**Capped at {max_epochs} epochs (`--max-epochs {max_epochs}`): a quick pass, not the "

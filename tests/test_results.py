@@ -256,3 +256,20 @@ def test_status_updates_merge_what_other_suites_wrote(tmp_path):
                                              "runs": {"table1/gon/mnist/seed0": "diverged"}}
     suite.update_status(tmp_path, datasets={"cifar10": None})
     assert suite.read_status(tmp_path) == {"datasets": {}, "runs": {"table1/gon/mnist/seed0": "diverged"}}
+
+
+def test_a_cell_whose_seeds_have_not_all_finished_reports_the_finished_ones_and_names_the_others():
+    cell = next(c for c in suite.plan(["table1"], ["coil20"], ["ae"]))
+    seeds = [suite.Cell(cell.row, "coil20", seed) for seed in (0, 1, 2)]
+    done = [suite.CellResult(c, f"run{c.seed}", "finished", 500, 500, train, test, 1.0,
+                             curve=((250, 2 * train, 2 * test), (500, train, test)))
+            for c, train, test in ((seeds[0], 1.0, 4.0), (seeds[1], 0.8, 4.2))]
+    short = suite.CellResult(seeds[2], "run2", "partial", 500, 250, 1.5, 4.5, 0.5, curve=((250, 1.5, 4.5),))
+    summary, = suite.summarize([*done, short])
+    assert summary.epoch == 500 and summary.train[0] == pytest.approx(0.9) and summary.test[0] == pytest.approx(4.1)
+    assert "500/500 ep, 1.0 h, 2 of 3 seeds (seed 2 at 250/500)" in suite.format_cell(summary)
+    everyone, = suite.summarize([done[0], suite.CellResult(seeds[2], "run2", "partial", 500, 250, 1.5, 4.5, 0.5,
+                                                            curve=((250, 1.5, 4.5),))])
+    assert everyone.epoch == 500  # one finished seed is reported over the unfinished one, which is named
+    alone, = suite.summarize([short])
+    assert alone.epoch == 250 and not alone.behind  # no seed finished: the lowest epoch all reached
