@@ -536,7 +536,7 @@ def report_markdown(summaries: Sequence[Summary], max_epochs: int | None, comman
              "evaluations took (compilation, pictures and checkpoints not counted). Seeds are read at the lowest "
              "epoch all of them reached, or, while some have finished and others not, over the finished ones "
              "(the cell names the others and how far they are).", "",
-             f"J's values are GON-SPEC 8's (`experiments/{J_RESULTS.name}`): {_J['source']}"]
+             f"J's values (`experiments/{J_RESULTS.name}`): {_J['source']}"]
     if max_epochs is not None:
         lines += ["", f"**Capped at {max_epochs} epochs (`--max-epochs {max_epochs}`): a quick pass, not the "
                       "spec's schedule.**"]
