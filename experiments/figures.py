@@ -24,8 +24,8 @@ COINCIDE = 0.01  # two ablation curves within 1% of each other at every epoch ar
 def _plain_axis(ax) -> None:
     """A y axis with few, plainly written ticks: log with 1, 2, 5 per decade (every digit on a range narrower than
     a decade), or linear on a range within a factor of 3; no minor labels."""
-    low, high = ax.get_ylim()
-    if high / low < 3:
+    low, high = ax.dataLim.y0, ax.dataLim.y1  # the data's range, not the padded view's (which may reach below 0)
+    if low <= 0 or high / low < 3:
         ax.yaxis.set_major_locator(ticker.MaxNLocator(6))
     else:
         ax.set_yscale("log")
