@@ -23,7 +23,7 @@ from gonjax import checkpoints, files, render as rendering, xla
 from gonjax.config import Config
 from gonjax.errors import UsageError
 from gonjax.steps import TrainState, create_train_state, make_optimizer
-from gonjax.zoo import Model, build_model
+from gonjax.zoo import Model, build_model, check_images
 
 
 class Run:
@@ -51,12 +51,13 @@ class Run:
         return xla.jit(self.model.decode)
 
     def _images(self, images) -> jax.Array:
+        """`images` as float32, checked against the model's build (`zoo.check_images`) as a UsageError."""
         images = jnp.asarray(images, jnp.float32)
-        if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
-            raise UsageError(f"{self.config.run_name} reads images of shape (n, {', '.join(map(str, self.image_shape))})"
-                             f", got {tuple(images.shape)}")
-        if images.shape[0] < 2 and self.model.render is None:
-            raise UsageError(f"{self.config.run_name} normalises over the batch (batch norm): pass at least 2 images")
+        height, _, channels = self.image_shape
+        try:
+            check_images(images, channels, height, self.config.run_name, batch_norm=self.model.render is None)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
         return images
 
     def images(self, split: str = "test", n: int = 64) -> np.ndarray:

@@ -102,9 +102,9 @@ def test_load_run_encodes_decodes_and_samples_a_trained_run(shared_data, tfds_di
     halfway = run.decode(0.5 * (z[:2] + z[2:]))
     assert halfway.shape == (2, 32, 32, 1) and bool(jnp.all((halfway >= 0) & (halfway <= 1)))
     assert run.sample(3, jax.random.PRNGKey(0)).shape == (3, 32, 32, 1)
-    with pytest.raises(UsageError, match=r"reads images of shape \(n, 32, 32, 1\)"):
+    with pytest.raises(UsageError, match=r"built for images of shape \(B, 32, 32, 1\), got \(4, 28, 28, 1\)"):
         run.encode(jnp.zeros((4, 28, 28, 1)))
-    with pytest.raises(UsageError, match="at least 2 images"):
+    with pytest.raises(UsageError, match="a batch needs at least 2 images, got 1"):
         run.encode(images[:1])
     with pytest.raises(UsageError, match="only the Implicit GON renders"):
         run.render(z, 64)
