@@ -136,12 +136,16 @@ def gon_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor
     return ((reconstruction - images) ** 2).sum(1).mean()
 
 
-def bce_kld_loss(reconstruction, images, mu, logvar, kl_weight: float = 1.0):
-    """GON-SPEC 4.3: BCE (J's +1e-10 in the logs) + kl_weight * KLD, each summed per image, mean over batch."""
-    bce = -(images * torch.log(reconstruction + 1e-10)
-            + (1 - images) * torch.log(1 - reconstruction + 1e-10)).sum((1, 2, 3)).mean()
+def bce_kld_loss(reconstruction, images, mu, logvar, kl_weight: float = 1.0, bce: str = "eps"):
+    """GON-SPEC 4.3: BCE + kl_weight * KLD, each summed per image, mean over batch. The BCE's logs: "eps", J's
+    +1e-10 inside them; "clamp", PyTorch's own `binary_cross_entropy` (logs clamped at -100), as P's
+    Variational-GON.py calls it."""
+    if bce == "clamp":
+        per_element = torch.nn.functional.binary_cross_entropy(reconstruction, images, reduction="none")
+    else:
+        per_element = -(images * torch.log(reconstruction + 1e-10) + (1 - images) * torch.log(1 - reconstruction + 1e-10))
     kld = (-0.5 * (1 + logvar - mu ** 2 - torch.exp(logvar)).sum(1)).mean()
-    return bce + kl_weight * kld
+    return per_element.sum((1, 2, 3)).mean() + kl_weight * kld
 
 
 @dataclasses.dataclass
@@ -191,13 +195,14 @@ def gon_train_step(decoder: ConvDecoder, optimizer, images, nz: int, detach: boo
     return Step(outer.detach(), reconstruction.detach(), latent.detach(), inner.detach())
 
 
-def vgon_forward(model: VariationalGON, images, eps_inner, eps_outer, kl_weight=1.0, train: bool = True):
+def vgon_forward(model: VariationalGON, images, eps_inner, eps_outer, kl_weight=1.0, train: bool = True,
+                 bce: str = "eps"):
     """The V-GON origin step (GON-SPEC 4.3): eps_inner in the inner pass, an independent eps_outer in the outer.
     Returns latent, inner loss, outer loss, reconstruction."""
 
     def score(z, eps):
         reconstruction, mu, logvar = model(z, eps)
-        return bce_kld_loss(reconstruction, images, mu, logvar, kl_weight), reconstruction
+        return bce_kld_loss(reconstruction, images, mu, logvar, kl_weight, bce), reconstruction
 
     latent, inner = _origin(lambda z: score(z, eps_inner)[0], _zeros_latent(images, model.nz), train)
     with torch.set_grad_enabled(train):
@@ -205,23 +210,24 @@ def vgon_forward(model: VariationalGON, images, eps_inner, eps_outer, kl_weight=
     return latent, inner, outer, reconstruction
 
 
-def vgon_train_step(model: VariationalGON, optimizer, images, eps_inner, eps_outer, kl_weight=1.0) -> Step:
-    latent, inner, outer, reconstruction = vgon_forward(model, images, eps_inner, eps_outer, kl_weight)
+def vgon_train_step(model: VariationalGON, optimizer, images, eps_inner, eps_outer, kl_weight=1.0,
+                    bce: str = "eps") -> Step:
+    latent, inner, outer, reconstruction = vgon_forward(model, images, eps_inner, eps_outer, kl_weight, bce=bce)
     _optimise(optimizer, outer)
     return Step(outer.detach(), reconstruction.detach(), latent.detach(), inner.detach())
 
 
 def implicit_gon_forward(siren: Siren, images_nhwc: torch.Tensor, reduction: str = "mean", train: bool = True):
-    """The Implicit GON origin step (GON-SPEC 4.4) on NHWC images: per-pixel MSE ("mean", J) or the sum over
-    pixels averaged over the batch ("sum", P). Returns latent, inner loss, outer loss and the reconstruction,
-    NCHW like the other models'."""
+    """The Implicit GON origin step (GON-SPEC 4.4) on NHWC images: per-pixel MSE ("mean", J) or P's
+    `((g - x)**2).sum(1).mean()` on (B, pixels, channels) ("sum": pixels summed, batch and channels averaged).
+    Returns latent, inner loss, outer loss and the reconstruction, NCHW like the other models'."""
     b, size, _, nc = images_nhwc.shape
     pixels = images_nhwc.reshape(b, size * size, nc)
     coords = coordinate_grid(size, images_nhwc.dtype).to(images_nhwc.device)
 
     def loss(output):
         squared = (output - pixels) ** 2
-        return squared.mean() if reduction == "mean" else squared.sum((1, 2)).mean()
+        return squared.mean() if reduction == "mean" else squared.sum(1).mean()
 
     latent, inner = _origin(lambda z: loss(siren(coords, z)), _zeros_latent(pixels, siren.nz), train)
     with torch.set_grad_enabled(train):
@@ -243,9 +249,9 @@ def ae_train_step(model: ConvAutoencoder, optimizer, images) -> Step:
     return Step(loss.detach(), reconstruction.detach())
 
 
-def vae_train_step(model: ConvVAE, optimizer, images, eps, kl_weight=1.0) -> Step:
+def vae_train_step(model: ConvVAE, optimizer, images, eps, kl_weight=1.0, bce: str = "eps") -> Step:
     reconstruction, mu, logvar = model(images, eps)
-    loss = bce_kld_loss(reconstruction, images, mu, logvar, kl_weight)
+    loss = bce_kld_loss(reconstruction, images, mu, logvar, kl_weight, bce)
     _optimise(optimizer, loss)
     return Step(loss.detach(), reconstruction.detach())
 

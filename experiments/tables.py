@@ -8,7 +8,9 @@
 Each cell (and seed) trains an ordinary run folder RESULTS/<table>/<row>/<dataset>/seed<k>/ through the trainer,
 so rerunning the command continues where it stopped (Ctrl-C, kill) and never trains a finished cell again.
 A dataset that cannot be prepared marks its cells "no data" and the suite goes on. After every cell the report
-is rewritten: RESULTS/TABLES.md, RESULTS/results.json and the figures (experiments.suite).
+is rewritten: RESULTS/TABLES.md, RESULTS/results.json and the figures (experiments.suite). The report covers every
+cell of the spec whatever the choice of tables, datasets and rows (which only picks what trains), so two queues
+training different cells into one --out each write the whole report, never a part of it over the whole.
 """
 from __future__ import annotations
 
@@ -210,8 +212,10 @@ def main(argv=None) -> int:
                 raise UsageError(f"cannot create {flag} {folder} ({error.strerror or error})") from None
         command = " ".join([PROG, *map(shlex.quote, _placeholders(argv))])
 
+        every_cell = suite.plan(seeds=args.seeds)
+
         def write_report():
-            return suite.write_report(cells, results_dir, args.out, max_epochs=args.max_epochs, command=command)
+            return suite.write_report(every_cell, results_dir, args.out, max_epochs=args.max_epochs, command=command)
 
         failures = 0
         if args.report:

@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from gonjax.catalog import DATASETS
+from gonjax.catalog import DATASETS, SPLIT_SIZES
 from gonjax.errors import UsageError
 
 MODEL_NAMES = ("gon", "vgon", "ae", "vae", "implicit_gon")
@@ -38,20 +38,44 @@ def setting(default, help: str, models: tuple[str, ...] = MODEL_NAMES, choices: 
         "help": help, "models": models, "choices": choices, "flag": flag, "default_doc": default_doc})
 
 
-def model_defaults(model: str, dataset: str) -> dict:
-    """J's schedule for a model on a dataset (GON-SPEC 5, 8): epochs, lr (and its drop), latent size.
+SEMANTICS = ("spec", "authors")  # J's settings and losses (the spec's), or the authors' scripts' (docs/semantics.md)
+BCE_FORMS = ("eps", "clamp")  # J's +1e-10 inside the logs, or PyTorch's logs clamped at -100 (gonjax.losses)
 
-    GON and AE 500 epochs, V-GON and VAE 1000, all at lr 2e-4, except V-GON on COIL-20 at 1e-3; the Implicit GON
-    (latent 32) 100 epochs at 2e-4, on COIL-20 500 epochs at 1e-4 dropping to 5e-5 from epoch 50.
+# What the authors' scripts (P: GON.py, Variational-GON.py, Implicit-GON.py; GON-SPEC 5, 10) set where the spec
+# (J) differs; a run's length in steps ("steps") when the script counts steps, not epochs.
+AUTHORS_SETTINGS = {
+    "gon": {"lr": 1e-4, "nz": 32, "ngf": 16, "steps": 1001},
+    "vgon": {"lr": 1e-4, "nz": 48, "ngf": 32, "epochs": 300, "bce": "clamp"},
+    "implicit_gon": {"lr": 1e-4, "nz": 32, "steps": 501, "loss_reduction": "sum"},
+}
+
+
+def model_defaults(model: str, dataset: str, semantics: str = "spec", batch_size: int = 64) -> dict:
+    """The value of every setting left None, for a model on a dataset: J's schedule (GON-SPEC 5, 8), or with
+    semantics "authors" what the authors' scripts use (AUTHORS_SETTINGS, docs/semantics.md).
+
+    J: GON and AE 500 epochs, V-GON and VAE 1000, all at lr 2e-4, except V-GON on COIL-20 at 1e-3; the Implicit
+    GON (latent 32) 100 epochs at 2e-4, on COIL-20 500 epochs at 1e-4 dropping to 5e-5 from epoch 50; latent 256,
+    ngf 16, the Implicit GON's per-pixel MSE, BCE with +1e-10 in the logs. The authors count the GON's and the
+    Implicit GON's training in steps: `max_steps`, and as many epochs of `batch_size` as those steps need.
     """
     defaults = {"epochs": {"gon": 500, "ae": 500, "vgon": 1000, "vae": 1000, "implicit_gon": 100}[model],
-                "lr": 2e-4, "nz": 256, "lr_drop_epoch": None, "lr_drop_to": None}
+                "lr": 2e-4, "nz": 256, "ngf": 16, "lr_drop_epoch": None, "lr_drop_to": None, "max_steps": None,
+                "loss_reduction": "mean", "bce": "eps"}
     if model == "vgon" and dataset == "coil20":
         defaults["lr"] = 1e-3
     if model == "implicit_gon":
         defaults["nz"] = 32
         if dataset == "coil20":
             defaults.update(epochs=500, lr=1e-4, lr_drop_epoch=50, lr_drop_to=5e-5)
+    if semantics == "authors" and model in AUTHORS_SETTINGS:
+        authors = dict(AUTHORS_SETTINGS[model])
+        defaults.update(lr_drop_epoch=None, lr_drop_to=None)
+        if "steps" in authors:
+            defaults["max_steps"] = authors.pop("steps")
+            steps_per_epoch = max(1, SPLIT_SIZES[dataset][0] // max(1, batch_size))
+            defaults["epochs"] = -(-defaults["max_steps"] // steps_per_epoch)
+        defaults.update(authors)
     return defaults
 
 
@@ -76,13 +100,18 @@ class Config:
 
     model: str = setting("gon", "the model", choices=MODEL_NAMES, flag=False)
     dataset: str = setting("fashion_mnist", "the dataset (GON-SPEC 6)", choices=DATASETS)
+    semantics: str = setting("spec", "`authors`: what the authors' scripts compute and use, for every setting left "
+                             "unset (losses, rate, sizes, length; docs/semantics.md)", models=ORIGIN_MODELS,
+                             choices=SEMANTICS)
     epochs: int | None = setting(None, "epochs (J's schedule, GON-SPEC 5)",
-                                 default_doc="500 (GON, AE), 1000 (V-GON, VAE), 100 (Implicit GON; 500 on COIL-20)")
+                                 default_doc="500 (GON, AE), 1000 (V-GON, VAE), 100 (Implicit GON; 500 on COIL-20); "
+                                             "authors: V-GON 300")
     batch_size: int = setting(64, "batch size; batch norm takes the statistics of each batch (GON-SPEC 3)")
     lr: float | None = setting(None, "Adam learning rate (betas 0.9 / 0.999, eps 1e-8)",
                                default_doc="2e-4 (V-GON on COIL-20: 1e-3; Implicit GON on COIL-20: 1e-4)")
     nz: int | None = setting(None, "latent size", default_doc="256 (Implicit GON: 32)")
-    ngf: int = setting(16, "base width of the decoder (and encoder)", models=CONV_MODELS)
+    ngf: int | None = setting(None, "base width of the decoder (and encoder)", models=CONV_MODELS,
+                              default_doc="16 (authors' V-GON: 32)")
     activation: str = setting("elu", "activation of the hidden layers (ablation, GON-SPEC 9)", models=CONV_MODELS,
                               choices=ACTIVATION_NAMES)
     detach: bool = setting(False, "detached GON: the latent is a constant in the outer gradient (GON-SPEC 4.2)",
@@ -96,10 +125,17 @@ class Config:
                                         default_doc="COIL-20: 50")
     lr_drop_to: float | None = setting(None, "the learning rate after --lr-drop-epoch", models=("implicit_gon",),
                                        default_doc="COIL-20: 5e-5")
-    loss_reduction: str = setting("mean", "per-pixel MSE (J) or `sum` over pixels, mean over batch (P), GON-SPEC 4.4",
-                                  models=("implicit_gon",), choices=("mean", "sum"))
+    loss_reduction: str | None = setting(None, "`mean`: per-pixel MSE (J); `sum`: squared error summed over "
+                                         "pixels, averaged over batch and channels (P's `.sum(1).mean()`), "
+                                         "GON-SPEC 4.4", models=("implicit_gon",), choices=("mean", "sum"),
+                                         default_doc="mean (authors: sum)")
+    bce: str | None = setting(None, "the BCE's logs: `eps` adds 1e-10 inside them (J), `clamp` clamps them at -100 "
+                              "with PyTorch's derivatives (P), GON-SPEC 4.3", models=("vgon", "vae"),
+                              choices=BCE_FORMS, default_doc="eps (authors' V-GON: clamp)")
     seed: int = setting(0, "parameter init, data order and every key of the run")
-    max_steps: int | None = setting(None, "stop after N training steps, then evaluate (smoke runs)")
+    max_steps: int | None = setting(None, "stop after N training steps, then evaluate (smoke runs; the authors' "
+                                    "length of a GON or Implicit GON run)",
+                                    default_doc="none (authors: GON 1001, Implicit GON 501)")
     data_dir: str | None = setting(None, "where TFDS keeps prepared datasets", default_doc="TFDS's own")
     manual_dir: str | None = setting(None, "folder of official dataset files (or of folders named after the "
                                            "datasets), to prepare offline")
@@ -141,16 +177,22 @@ class Config:
                                models=("implicit_gon",))
 
     def __post_init__(self):
-        """Fill the settings left None from the spec's schedule for this model and dataset (`model_defaults`),
-        so `Config(model="implicit_gon", dataset="coil20")` is J's Implicit GON run on COIL-20. A rate given
-        without a drop trains at that constant rate."""
+        """Fill the settings left None (`model_defaults`): `Config(model="implicit_gon", dataset="coil20")` is J's
+        Implicit GON run on COIL-20, with `semantics="authors"` the authors' script's. A rate given without a drop
+        trains at that constant rate."""
         if self.model not in MODEL_NAMES or self.dataset not in DATASETS:
             return  # validate() says what is wrong
-        defaults = model_defaults(self.model, self.dataset)
         constant_rate = self.lr is not None and self.lr_drop_epoch is None and self.lr_drop_to is None
-        for name in ("epochs", "lr", "nz") + (() if constant_rate else ("lr_drop_epoch", "lr_drop_to")):
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, defaults[name])
+        for name, value in self.unset_values().items():
+            if getattr(self, name) is None and not (constant_rate and name in ("lr_drop_epoch", "lr_drop_to")):
+                object.__setattr__(self, name, value)
+
+    def unset_values(self) -> dict:
+        """What each setting that `model_defaults` fills takes when left None, for this model, dataset and
+        semantics (a setting that does not apply to the model still takes one, so every config.json has it)."""
+        semantics = self.semantics if self.semantics in SEMANTICS else "spec"
+        batch_size = self.batch_size if isinstance(self.batch_size, int) else 64
+        return model_defaults(self.model, self.dataset, semantics, batch_size)
 
     @property
     def checkpoint_cadence(self) -> int:
@@ -167,6 +209,7 @@ class Config:
         does not apply to (from the fields' declarations), or a value out of range."""
         if self.model not in MODEL_NAMES:
             raise UsageError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+        unset = self.unset_values() if self.dataset in DATASETS else {}
         for field in dataclasses.fields(self):
             value, meta = getattr(self, field.name), field.metadata
             if not _has_type(value, field.type):
@@ -174,7 +217,7 @@ class Config:
             if meta["choices"] is not None and value not in meta["choices"]:
                 raise UsageError(f"{flag_name(field.name)} must be one of {', '.join(map(str, meta['choices']))}, "
                                  f"got {value!r}")
-            if self.model not in meta["models"] and value != field.default:
+            if self.model not in meta["models"] and value != unset.get(field.name, field.default):
                 raise UsageError(f"{flag_name(field.name)} applies to {', '.join(meta['models'])}, not {self.model}")
         self._validate_ranges()
         return self
@@ -217,6 +260,9 @@ class Config:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise UsageError(f"{flag_name(name)} must be a positive number, got {value}")
+        if self.loss != "spec" and self.semantics != "spec":
+            raise UsageError(f"--loss {self.loss} replaces the losses --semantics {self.semantics} selects; "
+                             "choose one of the two")
         if self.loss != "spec" and self.loss_reduction != "mean":
             raise UsageError("--loss-reduction sum is the spec's MSE; it does not combine with --loss peer_bce")
 

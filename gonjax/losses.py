@@ -42,12 +42,55 @@ def psnr(mse: jax.Array) -> jax.Array:
     return -10.0 * jnp.log10(mse)
 
 
+# PyTorch's floor of p (1 - p) in the derivatives of its binary cross-entropy (aten's BCE backward kernels).
+TORCH_BCE_EPSILON = 1e-12
+
+
+@jax.custom_jvp
 def clamped_bce(output: jax.Array, target: jax.Array) -> jax.Array:
-    """Element-wise binary cross-entropy with each log clamped at -100 (PyTorch's `binary_cross_entropy`, P's and
-    gon-pytorch's choice; J adds 1e-10 instead, `bce_per_image`)."""
+    """Element-wise binary cross-entropy as PyTorch's `binary_cross_entropy` computes it, derivatives included (P's
+    and gon-pytorch's choice; J adds 1e-10 inside the logs instead, `bce_per_image`).
+
+    Value: -[t max(log p, -100) + (1 - t) max(log1p(-p), -100)]. Derivatives (`_bce_slope`): PyTorch's, which
+    divide by max(p (1 - p), 1e-12); autodiff of the clamped logs would give 0 * inf = NaN wherever a float32
+    sigmoid rounds to exactly 0 or 1, PyTorch gives a finite slope.
+    """
     log_p = jnp.maximum(jnp.log(output), -100.0)
     log_not_p = jnp.maximum(jnp.log1p(-output), -100.0)
     return -(target * log_p + (1 - target) * log_not_p)
+
+
+@clamped_bce.defjvp
+def _clamped_bce_jvp(primals, tangents):
+    output, target = primals
+    d_output, d_target = tangents
+    log_odds = jnp.maximum(jnp.log(output), -100.0) - jnp.maximum(jnp.log1p(-output), -100.0)
+    return clamped_bce(output, target), _bce_slope(output, target) * d_output - log_odds * d_target
+
+
+@jax.custom_jvp
+def _bce_slope(output: jax.Array, target: jax.Array) -> jax.Array:
+    """d clamped_bce / d p as PyTorch's BCE backward computes it: (p - t) / max(p (1 - p), 1e-12)."""
+    return (output - target) / jnp.maximum(output * (1 - output), TORCH_BCE_EPSILON)
+
+
+@_bce_slope.defjvp
+def _bce_slope_jvp(primals, tangents):
+    """The slope's own derivatives as PyTorch's BCE double backward computes them (what a GON's second-order
+    outer gradient goes through): d/dp = (p^2 - 2 p t + t) / ((p + 1e-12)^2 (1 - p + 1e-12)^2) (the exact
+    derivative of (p - t) / (p (1 - p)), with PyTorch's epsilons), d/dt = -1 / max(p (1 - p), 1e-12)."""
+    output, target = primals
+    d_output, d_target = tangents
+    eps = TORCH_BCE_EPSILON
+    curvature = ((output * output - 2 * output * target + target)
+                 / (jnp.square(output + eps) * jnp.square(1 - output + eps)))
+    d_slope = curvature * d_output - d_target / jnp.maximum(output * (1 - output), eps)
+    return _bce_slope(output, target), d_slope
+
+
+def clamped_bce_per_image(reconstruction: jax.Array, target: jax.Array) -> jax.Array:
+    """`clamped_bce` summed over H, W, C per image: P's `binary_cross_entropy(...).sum(1)` (Variational-GON.py)."""
+    return jnp.sum(clamped_bce(reconstruction, target), axis=tuple(range(1, target.ndim)))
 
 
 def peer_inner_bce(output: jax.Array, target: jax.Array) -> jax.Array:

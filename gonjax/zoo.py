@@ -86,9 +86,13 @@ def kl_weight(config: Config, step) -> jax.Array:
     return config.kl_weight * jnp.minimum(1.0, step / config.kl_warmup_steps)
 
 
-def variational_loss(reconstruction, images, mu, logvar, weight):
-    """BCE + weight * KLD, each averaged over the batch (GON-SPEC 4.3), and the per-image metrics."""
-    bce = jnp.mean(losses.bce_per_image(reconstruction, images))
+BCE_PER_IMAGE = {"eps": losses.bce_per_image, "clamp": losses.clamped_bce_per_image}  # by Config.bce
+
+
+def variational_loss(reconstruction, images, mu, logvar, weight, bce_form: str = "eps"):
+    """BCE + weight * KLD, each averaged over the batch (GON-SPEC 4.3), and the per-image metrics; the BCE's logs
+    as `bce_form` says (BCE_PER_IMAGE: J's +1e-10 or P's clamp)."""
+    bce = jnp.mean(BCE_PER_IMAGE[bce_form](reconstruction, images))
     kld = jnp.mean(losses.kld_per_image(mu, logvar))
     loss = bce + weight * kld
     metrics = {"loss": loss, "bce": bce, "kld": kld, "bce_kld": bce + kld,
@@ -250,7 +254,7 @@ def vgon(config: Config, nc: int) -> Model:
         def fit(params, batch_stats, z, images, rng):
             noise = _vgon_pass_noise(rng, z.shape, z.dtype)
             (reconstruction, mu, logvar), batch_stats = _stateful_apply(function, params, batch_stats, z, noise)
-            loss, metrics = variational_loss(reconstruction, images, mu, logvar, weight)
+            loss, metrics = variational_loss(reconstruction, images, mu, logvar, weight, config.bce)
             return loss, (batch_stats, (reconstruction, metrics))
 
         loss, result = _origin_model_step(config, fit, params, batch_stats, images, rng, nz)
@@ -312,7 +316,7 @@ def vae(config: Config, nc: int) -> Model:
         check_images(images, nc, 32, config.run_name)
         noise = vae_noise(rng, (images.shape[0], nz), images.dtype)
         (reconstruction, mu, logvar), batch_stats = _stateful_apply(module, params, batch_stats, images, noise)
-        loss, metrics = variational_loss(reconstruction, images, mu, logvar, kl_weight(config, step))
+        loss, metrics = variational_loss(reconstruction, images, mu, logvar, kl_weight(config, step), config.bce)
         return loss, (batch_stats, ModelOutput(reconstruction, metrics))
 
     def init(rng, images):
@@ -339,8 +343,9 @@ def implicit_gon(config: Config, nc: int) -> Model:
     """Implicit GON (GON-SPEC 2.4, 4.4): a SIREN of (coordinate, latent), latents from the origin step.
 
     Images are read at their native size (28 for MNIST / Fashion-MNIST, 32 otherwise) as (B, S*S, nc) pixel
-    lists on the row-major coordinate grid. Loss: per-pixel MSE (J), or with loss_reduction="sum" the sum over
-    pixels and channels averaged over the batch (P), or gon-pytorch's BCEs (loss="peer_bce", sigmoid output).
+    lists on the row-major coordinate grid. Loss: per-pixel MSE (J), or with loss_reduction="sum" the squared
+    error summed over pixels and averaged over batch and channels (P's `((g - x)**2).sum(1).mean()` on (B, S*S, nc)
+    pixel lists), or gon-pytorch's BCEs (loss="peer_bce", sigmoid output).
     No BN: the state holds only a Fourier encoding's fixed projection (the SIREN's `constants`), else {}. The
     latents of the last 100 training batches are kept for sampling (GON-SPEC 4.6).
     """
@@ -350,7 +355,7 @@ def implicit_gon(config: Config, nc: int) -> Model:
 
     def pixel_loss(output, target):
         squared = jnp.square(output - target)
-        return jnp.mean(squared) if config.loss_reduction == "mean" else jnp.mean(jnp.sum(squared, axis=(1, 2)))
+        return jnp.mean(squared) if config.loss_reduction == "mean" else jnp.mean(jnp.sum(squared, axis=1))
 
     def decode_at(params, state, z, coords):
         return siren.apply({"params": params, "constants": state}, coords, z)

@@ -58,6 +58,10 @@ def test_cli_and_suite_build_the_library_config(model):
     (dict(model="vgon", loss="peer_bce"), "--loss applies to gon, implicit_gon, not vgon"),
     (dict(model="gon", loss="hinge"), "--loss must be one of spec, peer_bce"),
     (dict(model="implicit_gon", loss="peer_bce", loss_reduction="sum"), "does not combine"),
+    (dict(model="ae", semantics="authors"), "--semantics applies to gon, vgon, implicit_gon, not ae"),
+    (dict(model="gon", semantics="paper"), "--semantics must be one of spec, authors"),
+    (dict(model="gon", bce="clamp"), "--bce applies to vgon, vae, not gon"),
+    (dict(model="implicit_gon", semantics="authors", loss="peer_bce"), "choose one of the two"),
     (dict(model="gon", modulation=True), "--modulation applies to implicit_gon, not gon"),
     (dict(model="implicit_gon", position_encoding="spherical"), "--position-encoding must be one of"),
     (dict(model="implicit_gon", position_encoding="fourier", fourier_sigma=0.0), "--fourier-sigma"),
@@ -110,6 +114,40 @@ def test_variant_defaults_are_the_spec_and_old_configs_load(tmp_path):
         del old[name]
     (tmp_path / "config.json").write_text(json.dumps(old))
     assert Config.load(tmp_path / "config.json") == config
+
+
+@pytest.mark.parametrize("model, dataset, expected", [
+    # GON.py: lr 1e-4, latent 32, ngf 16, 1001 steps (MNIST: 937 a epoch, so 2 epochs cut at step 1001).
+    ("gon", "mnist", dict(lr=1e-4, nz=32, ngf=16, max_steps=1001, epochs=2, loss_reduction="mean", bce="eps")),
+    # Variational-GON.py: lr 1e-4, latent 48, ngf 32, 300 epochs, PyTorch's clamped BCE.
+    ("vgon", "fashion_mnist", dict(lr=1e-4, nz=48, ngf=32, max_steps=None, epochs=300, bce="clamp")),
+    # Implicit-GON.py: lr 1e-4 constant (J's COIL-20 drop is J's), latent 32, 501 steps (COIL-20: 18 a epoch),
+    # pixels summed.
+    ("implicit_gon", "coil20", dict(lr=1e-4, lr_drop_epoch=None, lr_drop_to=None, nz=32, max_steps=501,
+                                    epochs=28, loss_reduction="sum")),
+])
+def test_authors_semantics_fill_what_the_authors_scripts_use(model, dataset, expected):
+    config = Config(model=model, dataset=dataset, semantics="authors").validate()
+    assert {name: getattr(config, name) for name in expected} == expected
+    spec = Config(model=model, dataset=dataset)
+    assert (spec.semantics, spec.max_steps, spec.bce, spec.loss_reduction) == ("spec", None, "eps", "mean")
+    mine = Config(model=model, dataset=dataset, semantics="authors", lr=3e-4, nz=64).validate()
+    assert (mine.lr, mine.nz, mine.max_steps) == (3e-4, 64, expected["max_steps"])  # a setting given wins
+
+
+def test_a_config_json_from_before_the_semantics_resumes_as_the_same_run():
+    """Every config.json the committed results archive holds (written before `semantics`, `bce` and the
+    unset `ngf` / `loss_reduction` existed) loads, validates, and equals the config the suite builds for its
+    cell now: no difference that would refuse to resume it."""
+    archived = sorted((REPO / "docs/results/runs").glob("**/config.json"))
+    assert len(archived) >= 10
+    cells = {str(cell.folder): cell for cell in suite.plan(seeds=[0, 1, 2])}
+    for path in archived:
+        saved = Config.load(path).validate()
+        folder = str(path.parent.relative_to(REPO / "docs/results/runs"))
+        now = cells[folder].config(epochs=saved.epochs, eval_every=saved.eval_every,
+                                   checkpoint_every=saved.checkpoint_every)
+        assert saved.differences(now) == {}, (folder, saved.differences(now))
 
 
 def test_config_imports_no_model_code_and_its_names_are_the_models():

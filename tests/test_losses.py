@@ -54,3 +54,58 @@ def test_kl_weight_warms_up_linearly():
     assert float(kl_weight(Config(kl_weight=0.5), 0)) == 0.5
     warm = Config(kl_weight=2.0, kl_warmup_steps=100)
     assert [float(kl_weight(warm, jnp.asarray(s))) for s in (0, 25, 100, 1000)] == [0.0, 0.5, 2.0, 2.0]
+
+
+def _torch_bce_derivatives(logits: np.ndarray, targets: np.ndarray, dtype) -> np.ndarray:
+    """PyTorch's own binary_cross_entropy of sigmoid(logits): value, d/dlogit and d2/dlogit2 (its double
+    backward), element by element."""
+    import torch
+
+    x = torch.tensor(logits, dtype=dtype, requires_grad=True)
+    loss = torch.nn.functional.binary_cross_entropy(torch.sigmoid(x), torch.tensor(targets, dtype=dtype),
+                                                     reduction="none")
+    first, = torch.autograd.grad(loss.sum(), x, create_graph=True)
+    second, = torch.autograd.grad(first.sum(), x)
+    return np.stack([loss.detach().numpy(), first.detach().numpy(), second.numpy()])
+
+
+def test_clamped_bce_is_pytorchs_with_its_derivatives_where_float32_saturates():
+    """P's BCE (`losses.clamped_bce`, the authors' V-GON) against PyTorch's: the value, and the first and second
+    derivatives a GON step takes through it, in float32 and float64, on logits where a float32 sigmoid rounds to
+    exactly 1 (20, 40) or underflows (-120), where the clamp at -100 decides the value (a target of 0 at p = 1:
+    100, not J's ~23), and ordinary ones. Autodiff of the clamped logs would give NaN at the saturated ones."""
+    logits = np.array([20.0, 20.0, 20.0, 40.0, -120.0, -120.0, -20.0, 3.0, -0.5, 0.0])
+    targets = np.array([1.0, 0.5, 0.0, 0.0, 0.0, 1.0, 1.0, 0.3, 0.9, 0.25])
+
+    def ours(x, t):
+        value = lambda x: losses.clamped_bce(jax.nn.sigmoid(x), t)  # noqa: E731
+        first = jax.grad(value)
+        return jnp.stack([value(x), first(x), jax.grad(first)(x)])
+
+    import torch
+
+    for dtype, torch_dtype, rtol in ((np.float32, torch.float32, 1e-5), (np.float64, torch.float64, 1e-12)):
+        with jax.enable_x64(dtype == np.float64):
+            mine = np.stack([np.asarray(ours(jnp.asarray(x, dtype), jnp.asarray(t, dtype)))
+                             for x, t in zip(logits, targets)], axis=1)
+        reference = _torch_bce_derivatives(logits.astype(dtype), targets.astype(dtype), torch_dtype)
+        assert np.all(np.isfinite(mine)), mine
+        np.testing.assert_allclose(mine, reference, rtol=rtol, atol=1e-6 if dtype == np.float32 else 1e-14)
+    assert float(losses.clamped_bce(jnp.float32(1.0), jnp.float32(0.0))) == 100.0  # J's eps: -log(1e-10) ~ 23
+    assert abs(float(losses.bce_per_image(jnp.ones((1, 1)), jnp.zeros((1, 1)))[0]) - 23.03) < 0.01
+
+
+def test_implicit_gon_sum_reduction_is_the_authors_pixel_sum_channel_mean():
+    """P's `((g - x)**2).sum(1).mean()` on (B, pixels, channels): pixels summed, batch and channels averaged,
+    written out as a loop over images and channels; on three channels it is a third of the all-sum."""
+    from gonjax import zoo
+
+    model = zoo.build_model(Config(model="implicit_gon", dataset="cifar10", loss_reduction="sum"), 3)
+    images = np.random.default_rng(3).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+    variables = model.init(jax.random.PRNGKey(0), jnp.asarray(images))
+    _, (_, output) = model.apply(variables["params"], variables["batch_stats"], jnp.asarray(images),
+                                 jax.random.PRNGKey(1))
+    recon = np.asarray(output.reconstruction, np.float64).reshape(2, -1, 3)
+    pixels = images.astype(np.float64).reshape(2, -1, 3)
+    expected = np.mean([((recon[b, :, c] - pixels[b, :, c]) ** 2).sum() for b in range(2) for c in range(3)])
+    np.testing.assert_allclose(float(output.metrics["loss"]), expected, rtol=1e-5)
