@@ -82,11 +82,14 @@ def add_scale_flags(parser: argparse.ArgumentParser) -> None:
                        help="HOST:PORT of process 0, for a run of several processes (hosts)")
     scale.add_argument("--num-processes", type=int, default=None, help="processes of the run")
     scale.add_argument("--process-id", type=int, default=None, help="this process's index, 0 to N-1")
+    scale.add_argument("--startup-timeout", type=int, default=parallel.STARTUP_SECONDS,
+                       help=f"seconds to wait for the other processes to join (default {parallel.STARTUP_SECONDS})")
 
 
 def join_processes(args: argparse.Namespace) -> None:
     """Join the run's other processes where the flags (or a cluster's environment) say there are some."""
-    parallel.initialize(args.coordinator, args.num_processes, args.process_id)
+    parallel.initialize(args.coordinator, args.num_processes, args.process_id, args.startup_timeout,
+                        should_stop=STOP.is_set)
 
 
 def config_from_args(args: argparse.Namespace, model: str) -> Config:

@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from matplotlib import ticker
+from matplotlib.figure import Figure
+from matplotlib.image import imread
 from matplotlib.lines import Line2D
 
 from experiments.suite import UNITS
-from gonjax.plots import plt  # matplotlib with the Agg backend (no display)
 
 COINCIDE = 0.01  # two ablation curves within 1% of each other at every epoch are said to coincide
 
@@ -51,7 +52,8 @@ def save_table_curves(path: Path, results: Sequence, title: str, titles: dict | 
     colours = {name: f"C{i % 10}" for i, name in enumerate(rows)}
     labels = {r.cell.row.name: r.cell.row.label for r in results}
     unit = UNITS[results[0].cell.row.metric]
-    fig, axes = plt.subplots(1, len(datasets), squeeze=False, figsize=(4.6 * len(datasets) + 2.6, 4.4), dpi=100)
+    fig = Figure(figsize=(4.6 * len(datasets) + 2.6, 4.4), dpi=100)
+    axes = fig.subplots(1, len(datasets), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         for name in rows:
             mine = [r for r in results if r.cell.dataset == dataset and r.cell.row.name == name]
@@ -99,7 +101,6 @@ def save_table_curves(path: Path, results: Sequence, title: str, titles: dict | 
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0, 1 - 2.4 / fig.get_figwidth(), 1))
     fig.savefig(path)
-    plt.close(fig)
 
 
 def coinciding(results: Sequence) -> list[tuple[str, str, float]]:
@@ -122,7 +123,8 @@ def coinciding(results: Sequence) -> list[tuple[str, str, float]]:
 def save_ablation_curves(path: Path, results: Sequence, title: str) -> None:
     """An ablation as the seed draws it: per-epoch train loss, epochs 1-50, one line per setting (log scale);
     settings whose curves coincide are said so under the title (one would hide the other)."""
-    fig, ax = plt.subplots(figsize=(7.6, 4.2), dpi=100)
+    fig = Figure(figsize=(7.6, 4.2), dpi=100)
+    ax = fig.subplots()
     for index, result in enumerate(results):
         points = [p for p in result.curve if p[0] >= 1]
         seed = f" (seed {result.cell.seed})" if result.cell.seed else ""
@@ -136,17 +138,15 @@ def save_ablation_curves(path: Path, results: Sequence, title: str) -> None:
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def save_titled_picture(source: Path, target: Path, title: str) -> None:
     """A run's picture (recon_<E>.png, samples_<E>.png) redrawn under a title that says what it shows."""
-    image = plt.imread(source)
+    image = imread(source)
     height, width = image.shape[:2]
-    fig = plt.figure(figsize=(width / 100, height / 100 + 0.5), dpi=100)
+    fig = Figure(figsize=(width / 100, height / 100 + 0.5), dpi=100)
     ax = fig.add_axes((0, 0, 1, height / (height + 50)))
     ax.imshow(image)
     ax.axis("off")
     fig.suptitle(title, fontsize=9, y=0.995, va="top")
     fig.savefig(target)
-    plt.close(fig)

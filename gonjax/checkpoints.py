@@ -6,8 +6,11 @@ RUN/damaged_checkpoints/.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -22,6 +25,20 @@ from gonjax.errors import CheckpointMismatchError, UsageError
 from gonjax.steps import TrainState
 
 FOLDER, DAMAGED_FOLDER = "checkpoints", "damaged_checkpoints"
+
+
+@contextlib.contextmanager
+def quiet_orbax():
+    """Hold back orbax's warnings (the "absl" logger below ERROR) for the duration: what it says when a manager is
+    opened read-only (that it will not save or create) or reads a checkpoint without a metadata file is nothing a
+    reader of a run can act on. The logger's level is restored afterwards."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def open_manager(run_path: Path, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
@@ -113,7 +130,7 @@ def restore_intact(manager: ocp.CheckpointManager, state: TrainState,
         try:
             restored = manager.restore(step, args=ocp.args.StandardRestore(target))
         except Exception as error:  # noqa: BLE001 - tensorstore and orbax raise many types for a damaged file
-            on_damaged(step, " ".join(str(error).split())[:200] or type(error).__name__)
+            on_damaged(step, damage_reason(error))
             continue
         if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(restored)
                    if jnp.issubdtype(leaf.dtype, jnp.inexact)):
@@ -121,6 +138,14 @@ def restore_intact(manager: ocp.CheckpointManager, state: TrainState,
             continue
         return state.replace(**restored)
     return None
+
+
+def damage_reason(error: BaseException) -> str:
+    """What went wrong reading a checkpoint, in one short line: the error's first sentence, without TensorStore's
+    pointer to its details (a raw Python repr) or anything after it."""
+    text = " ".join(str(error).split())
+    text = re.split(r"\s*See full TensorStore details", text)[0]
+    return text[:200] or type(error).__name__
 
 
 def set_aside(run_path: Path, step: int, reason: str) -> None:

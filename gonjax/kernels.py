@@ -8,8 +8,9 @@ convolutions and small convolutions are slow, or as arithmetic it vectorises whe
   pixel's 16 taps, summed into their output pixels (`_sum_taps` / `_gather_taps`, each the other's VJP);
 - `stride2_phase_conv`: the same as one 3x3 convolution to the four output phases, then depth-to-space;
 - `im2col_conv`: a convolution of a narrow input as patches times one matmul;
-- `sine` / `cosine`: float32 sin and cos as a range reduction and a polynomial of adds and multiplies, which
-  XLA:CPU vectorises (its own sine runs about 3x slower here), each the other's derivative (custom_jvp).
+- `sine` / `cosine`: float32 sin and cos as a range reduction and polynomials of adds and multiplies, which
+  XLA:CPU vectorises (its own sine runs about 3x slower here), within one ulp of the true value (XLA's: 0.56),
+  each the other's derivative (custom_jvp).
 
 The custom-VJP pairs have no forward-mode rule: `jax.jvp`, `jax.linearize`, `jax.hessian` cannot pass them
 (`sine` and `cosine` are custom-JVP functions, which every transform passes).
@@ -134,28 +135,57 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> j
     return patches @ kernel.reshape(k * k * cin, kernel.shape[-1])
 
 
-# pi split in three (the Cody-Waite reduction): the first part has 8 significant bits, so x - n * part is exact for
-# |n| < 2**16, and the later parts add pi's lower bits; tests/test_models.py bounds the error by 2e-7 for |x| < 1e5.
-_PI_PARTS = (3.140625, 9.67502593994140625e-4, 1.509957990978376432e-7)
-# Taylor coefficients of sin r / r - 1 in powers of r^2, up to r^13: under 1e-9 of truncation on |r| <= pi / 2.
-_SIN_COEFFICIENTS = tuple((-1) ** i / math.factorial(2 * i + 1) for i in range(1, 7))
+# pi / 2 in five parts (the Cody-Waite reduction): the first four have at most 8 significant bits, so n * part is
+# exact for |n| < 2**16 (|x| < 1e5), the fifth is the float32 nearest the rest; together pi / 2 to 1e-19.
+_HALF_PI_PARTS = (1.5703125, 4.825592041015625e-4, 1.2665987014770508e-6, 9.89530235528946e-10,
+                  2.5633440682570896e-12)
+# Taylor coefficients on |r| <= pi / 4: sin r = r + r^3 (S0 + S1 r^2 + ...), up to r^11 (truncation under 2e-9 of
+# r: 0.03 float32 ulps); cos r = 1 - r^2 / 2 + r^4 (C0 + C1 r^2 + ...), up to r^12 (under 1e-12).
+_SIN_COEFFICIENTS = tuple((-1) ** i / math.factorial(2 * i + 1) for i in range(1, 6))
+_COS_COEFFICIENTS = tuple((-1) ** i / math.factorial(2 * i) for i in range(2, 7))
 
 
-def _half_turns_sine(x: jax.Array, offset: float) -> jax.Array:
-    """(-1)^n sin(r) where x = (n + offset) pi + r, n the nearest integer, |r| <= pi / 2: sin x for offset 0,
-    -cos x for offset 1/2. Float32 error under 2e-7 for |x| < 1e5 (tests/test_models.py)."""
-    n = jnp.round(x * (1 / math.pi) - offset)
-    turns = n + offset
-    r = x
-    for part in _PI_PARTS:
-        r = r - turns * part
-    r2 = r * r
-    poly = _SIN_COEFFICIENTS[-1]
-    for coefficient in _SIN_COEFFICIENTS[-2::-1]:
-        poly = poly * r2 + coefficient
-    sin_r = r + r * r2 * poly
-    sign = 1 - 4 * (0.5 * n - jnp.floor(0.5 * n))  # +1 for even n, -1 for odd
-    return sign * sin_r
+def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """s, e with s = fl(a + b) and s + e = a + b exactly (Knuth's TwoSum: any magnitudes, no branch)."""
+    s = a + b
+    b_virtual = s - a
+    return s, (a - (s - b_virtual)) + (b - b_virtual)
+
+
+def _horner(z: jax.Array, coefficients: tuple[float, ...]) -> jax.Array:
+    value = coefficients[-1]
+    for coefficient in coefficients[-2::-1]:
+        value = value * z + coefficient
+    return value
+
+
+def _quarter_turns_sine(x: jax.Array, shift: int) -> jax.Array:
+    """sin(x + shift * pi / 2) in float32, within 1 ulp of the true value (0.5 is correct rounding) for |x| < 1e5
+    (benchmarks/sine_accuracy.py measures it, tests/test_models.py bounds it).
+
+    x = n pi / 2 + r with n the nearest integer, |r| <= pi / 4, r carried as r_hi + r_lo (the reduction's last
+    three subtractions are TwoSums, so r is right to about 1e-19 n even near a zero of the result); then sin r or cos r
+    by quadrant, each as its leading term plus a correction that takes r_lo in: sin(r_hi + r_lo) = r_hi + (r_lo +
+    r_hi^3 S(r_hi^2)), cos(r_hi + r_lo) = w + (((1 - w) - r_hi^2 / 2) + (r_hi^4 C(r_hi^2) - r_hi r_lo)) with
+    w = 1 - r_hi^2 / 2, whose rounding error the bracket puts back.
+    """
+    n = jnp.round(x * (2 / math.pi))
+    r = x - n * _HALF_PI_PARTS[0]  # exact: n * part is, and the difference is small
+    r = r - n * _HALF_PI_PARTS[1]  # exact too (see _HALF_PI_PARTS)
+    r_lo = 0.0
+    for part in _HALF_PI_PARTS[2:]:
+        r, low = _two_sum(r, -(n * part))
+        r_lo = r_lo + low
+    r_hi = r
+    z = r_hi * r_hi
+    sin_r = r_hi + (r_lo + r_hi * z * _horner(z, _SIN_COEFFICIENTS))
+    half_z = 0.5 * z
+    w = 1 - half_z
+    cos_r = w + (((1 - w) - half_z) + (z * z * _horner(z, _COS_COEFFICIENTS) - r_hi * r_lo))
+    quadrant = n + shift
+    quadrant = quadrant - 4 * jnp.floor(quadrant * 0.25)  # 0, 1, 2, 3
+    value = jnp.where((quadrant == 1) | (quadrant == 3), cos_r, sin_r)
+    return jnp.where(quadrant >= 2, -value, value)
 
 
 @jax.custom_jvp
@@ -163,13 +193,13 @@ def sine(x: jax.Array) -> jax.Array:
     """sin x: a polynomial after range reduction for float32 (XLA:CPU's own sine took 3x as long in a probe of
     12.8 M values), `jnp.sin` for other dtypes. Derivative `cosine`, so derivatives of every order are sines and
     cosines."""
-    return _half_turns_sine(x, 0.0) if x.dtype == jnp.float32 else jnp.sin(x)
+    return _quarter_turns_sine(x, 0) if x.dtype == jnp.float32 else jnp.sin(x)
 
 
 @jax.custom_jvp
 def cosine(x: jax.Array) -> jax.Array:
     """cos x, computed as `sine` is; derivative -`sine`."""
-    return -_half_turns_sine(x, 0.5) if x.dtype == jnp.float32 else jnp.cos(x)
+    return _quarter_turns_sine(x, 1) if x.dtype == jnp.float32 else jnp.cos(x)
 
 
 @sine.defjvp

@@ -21,6 +21,9 @@ import itertools
 import math
 import os
 import sys
+import threading
+import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -113,11 +116,21 @@ def make_layout(devices: int | None, batch_size: int, replicas: int = 1) -> Layo
     return Layout(Mesh(grid, (REPLICA, DATA)), stacked=replicas > 1)
 
 
+STARTUP_SECONDS = 300  # how long a process waits for the run's others to join, by default (--startup-timeout)
+
+
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+               process_id: int | None = None, startup_timeout: int = STARTUP_SECONDS,
+               should_stop: Callable[[], bool] | None = None) -> None:
     """Join a run of several processes (`jax.distributed`), from the flags or, with none given, from a cluster's
     environment that JAX detects (a SLURM job step of several tasks, JAX_COORDINATOR_ADDRESS). Nothing to do for
-    a single process. Must run before anything touches a device."""
+    a single process. Must run before anything touches a device.
+
+    With the flags, the process says on stderr that it waits for the others, and waits at most `startup_timeout`
+    seconds; Ctrl-C or SIGTERM stops the wait (as does `should_stop()` turning true, for callers that handle the
+    signals themselves). A wait that ends either way ends the process (exit status 1, or 130
+    when stopped) after one line that says why: JAX's join cannot be cancelled, and it would otherwise hang on, or
+    abort the interpreter when its own timeout passes."""
     flags = (coordinator, num_processes, process_id)
     if all(flag is None for flag in flags):
         if not _cluster_environment():
@@ -130,9 +143,64 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if num_processes < 1 or not 0 <= process_id < num_processes:
         raise UsageError(f"--process-id must be from 0 to --num-processes - 1 ({num_processes - 1}), "
                          f"got {process_id}")
+    check_coordinator(coordinator)
+    if startup_timeout < 1:
+        raise UsageError(f"--startup-timeout must be at least 1 second, got {startup_timeout}")
     if num_processes == 1:
         return
-    jax.distributed.initialize(coordinator, num_processes, process_id, heartbeat_timeout_seconds=HEARTBEAT_SECONDS)
+    print(f"process {process_id} of {num_processes}: waiting up to {startup_timeout} s for the run's processes to "
+          f"join at {coordinator} (Ctrl-C stops)", file=sys.stderr, flush=True)
+    _join_within(lambda: jax.distributed.initialize(
+        coordinator, num_processes, process_id, initialization_timeout=startup_timeout + 60,
+        heartbeat_timeout_seconds=HEARTBEAT_SECONDS), startup_timeout, should_stop or (lambda: False),
+        f"the run's {num_processes} processes did not all join at {coordinator} within {startup_timeout} s: start "
+        "every process with the same --coordinator (process 0's HOST:PORT, reachable from each) and "
+        "--num-processes, or raise --startup-timeout")
+
+
+def check_coordinator(address: str) -> None:
+    """A UsageError unless `address` is HOST:PORT with a port from 1 to 65535."""
+    host, separator, port = address.rpartition(":")
+    if not separator or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--coordinator must be HOST:PORT with a port from 1 to 65535 (process 0's address), "
+                         f"got {address!r}")
+
+
+def _join_within(join, seconds: float, should_stop: Callable[[], bool], timeout_message: str) -> None:
+    """Run `join` (a blocking call that cannot be cancelled) in a thread, polling so that Ctrl-C and SIGTERM are
+    heard; its error is raised here as one line. A stop or `seconds` without an answer ends the process."""
+    outcome: list = []
+
+    def target():
+        try:
+            join()
+            outcome.append(None)
+        except Exception as error:  # noqa: BLE001 - JAX's runtime raises several types; each becomes one line
+            outcome.append(error)
+
+    thread = threading.Thread(target=target, name="gonjax-join", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + seconds
+    try:
+        while thread.is_alive() and time.monotonic() < deadline:
+            thread.join(0.2)
+            if should_stop():
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        _leave(130, "interrupted while waiting for the run's other processes")
+    if thread.is_alive():
+        _leave(1, f"error: {timeout_message}")
+    if outcome and outcome[0] is not None:
+        first_line = (str(outcome[0]).strip().splitlines() or [type(outcome[0]).__name__])[0]
+        raise UsageError(f"could not join the run's processes: {first_line[:300]}")
+
+
+def _leave(status: int, message: str) -> None:
+    """End the process now with one line on stderr (a thread blocked in JAX's runtime cannot be joined)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    prog = f"python -m {spec.name}" if spec is not None else (os.path.basename(sys.argv[0]) or "gonjax")
+    print(f"{prog}: {message}", file=sys.stderr, flush=True)
+    os._exit(status)
 
 
 def _cluster_environment() -> bool:

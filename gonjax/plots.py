@@ -1,15 +1,16 @@
-"""Pictures a researcher looks at: image grids and loss curves (matplotlib, Agg backend, no display)."""
+"""Pictures a researcher looks at: image grids and loss curves, drawn into files.
+
+Figures are built as `matplotlib.figure.Figure` objects and saved directly, never through pyplot: drawing needs no
+display, and importing gonjax leaves pyplot's backend to the user (a notebook keeps showing its own figures).
+"""
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 
 FIGURE_LIMIT = 4096  # pixels per side above which save_grids writes a plain PNG instead of a titled figure
@@ -60,8 +61,8 @@ def save_grids(path: Path, grids: Sequence[np.ndarray], titles: Sequence[str], s
         return
     panel_height = scale * max(g.shape[0] for g in grids) / dpi
     panel_width = scale * max(g.shape[1] for g in grids) / dpi
-    fig, axes = plt.subplots(1, len(grids), squeeze=False,
-                             figsize=(len(grids) * (panel_width + 0.2), panel_height + 0.4), dpi=dpi)
+    fig = Figure(figsize=(len(grids) * (panel_width + 0.2), panel_height + 0.4), dpi=dpi)
+    axes = fig.subplots(1, len(grids), squeeze=False)
     for ax, grid, title in zip(axes[0], grids, titles):
         if grid.shape[-1] == 1:
             ax.imshow(grid[:, :, 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
@@ -71,7 +72,6 @@ def save_grids(path: Path, grids: Sequence[np.ndarray], titles: Sequence[str], s
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def save_reconstructions(path: Path, images: np.ndarray, reconstructions: np.ndarray, title: str = "") -> None:
@@ -85,7 +85,8 @@ def save_curves(path: Path, records: Sequence[dict], metric: str = "sse", ylabel
     """Train and test `metric` against epoch, from metrics.jsonl records (log scale when it spans a lot), and
     beside it the training loss over windows of steps (train_metrics.jsonl) with the evaluated train loss."""
     epochs = [r["epoch"] for r in records]
-    fig, axes = plt.subplots(1, 2 if windows else 1, squeeze=False, figsize=(12 if windows else 6, 4), dpi=100)
+    fig = Figure(figsize=(12 if windows else 6, 4), dpi=100)
+    axes = fig.subplots(1, 2 if windows else 1, squeeze=False)
     ax = axes[0][0]
     for split, style in (("train", "-o"), ("test", "-s")):
         ax.plot(epochs, [r[f"{split}_{metric}"] for r in records], style, markersize=3, label=split)
@@ -109,7 +110,6 @@ def save_curves(path: Path, records: Sequence[dict], metric: str = "sse", ylabel
         ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def _log_scale_if_wide(ax, values: Sequence[float]) -> None:

@@ -76,8 +76,9 @@ class Run:
 
     def encode(self, images, rng: jax.Array | None = None) -> jax.Array:
         """Latents of `images` (n, H, W, C) in [0, 1], as one batch (`zoo.Model`: a GON's latent depends on the
-        other images of its batch, so pass the batches you mean, e.g. of the run's batch size). `rng` draws the
-        noise of models that have some (V-GON passes, the latent-init ablation); default key 0."""
+        other images of its batch, an Implicit GON's on their number, so pass batches of the run's batch size,
+        `run.config.batch_size`). `rng` draws the noise of models that have some (V-GON passes, the latent-init
+        ablation); default key 0."""
         rng = jax.random.PRNGKey(0) if rng is None else rng
         return self._encode(self.state.params, self.state.batch_stats, self._images(images), rng)
 
@@ -132,16 +133,17 @@ def load_run(workdir) -> Run:
     state = create_train_state(model, make_optimizer(config), jax.random.PRNGKey(0), sample_batch)
     if not (path / checkpoints.FOLDER).is_dir():
         raise UsageError(f"{path} has no checkpoints yet; train it first")
-    manager = checkpoints.open_manager(path, read_only=True)
-    if manager.latest_step() is None:
-        raise UsageError(f"{path} has no checkpoints yet; train it first")
 
     def on_damaged(step, reason):
         print(f"{path}: the checkpoint of step {step} is damaged ({reason}); using an older one",
               file=sys.stderr, flush=True)
 
-    restored = checkpoints.restore_intact(manager, state, on_damaged)
-    manager.close()
+    with checkpoints.quiet_orbax():
+        manager = checkpoints.open_manager(path, read_only=True)
+        if manager.latest_step() is None:
+            raise UsageError(f"{path} has no checkpoints yet; train it first")
+        restored = checkpoints.restore_intact(manager, state, on_damaged)
+        manager.close()
     if restored is None:
         raise UsageError(f"{path}: no intact checkpoint (see above); rerun its training command to train it again")
     return Run(path, config, model, restored, data_info)

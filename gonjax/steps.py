@@ -6,6 +6,7 @@ what the trainer, the benchmarks and the scaling tests all run. Nothing here rea
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -44,7 +45,34 @@ def make_optimizer(config: Config, steps_per_epoch: int = 1) -> optax.GradientTr
     if config.lr_drop_epoch is not None:
         lr = optax.piecewise_constant_schedule(
             config.lr, {config.lr_drop_epoch * steps_per_epoch: config.lr_drop_to / config.lr})
-    return optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)
+    return optax.chain(scale_by_adam(b1=0.9, b2=0.999, eps=1e-8), optax.scale_by_learning_rate(lr))
+
+
+def scale_by_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """`optax.scale_by_adam`'s update and state (so `optax.adam`'s checkpoints restore), with Adam's bias
+    corrections 1 - b^t computed as -expm1(t log b).
+
+    optax computes b^t in the moments' precision: in float32, b2 = 0.999 is 1.3e-8 off, so 1 - b2^t is 1.3e-5
+    off at t = 1 and ~1e-5 for hundreds of steps, which scales every early Adam step by a few parts in 1e6. In an
+    Implicit GON that alone moved float32 loss curves 6e-4 from the float64 one within 50 steps, against 1.2e-5
+    with -expm1(t log b), accurate to float32 rounding (benchmarks/README.md, "The SIREN's sine"). PyTorch computes
+    the corrections in float64.
+    """
+    log_b1, log_b2 = math.log(b1), math.log(b2)
+    init = optax.scale_by_adam(b1=b1, b2=b2, eps=eps).init
+
+    def update(updates, state, params=None):
+        del params
+        mu = jax.tree.map(lambda g, m: (1 - b1) * g + b1 * m, updates, state.mu)
+        nu = jax.tree.map(lambda g, v: (1 - b2) * jnp.square(g) + b2 * v, updates, state.nu)
+        count = optax.safe_increment(state.count)
+        steps_taken = count.astype(jnp.result_type(float))
+        correction_1, correction_2 = -jnp.expm1(steps_taken * log_b1), -jnp.expm1(steps_taken * log_b2)
+        scaled = jax.tree.map(lambda m, v: (m / correction_1.astype(m.dtype))
+                              / (jnp.sqrt(v / correction_2.astype(v.dtype)) + eps), mu, nu)
+        return scaled, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init, update)
 
 
 def create_train_state(model: Model, optimizer: optax.GradientTransformation, rng: jax.Array,

@@ -45,7 +45,10 @@ class Model:
 
     A GON's latent is a function of the whole batch, not of one image: the decoder's batch norm normalises with
     the batch's statistics in the inner pass too (GON-SPEC 3), so encode the images in the batches (of the
-    training batch size) they should be seen in. The Implicit GON has no batch norm: its latents are per image.
+    training batch size) they should be seen in. The Implicit GON has no batch norm, so its latent of an image
+    depends on no other image, but on how many there are: its inner loss is a mean over the batch (GON-SPEC 4.1,
+    4.4), so each latent carries a factor 1/B, and 6 images encoded alone get latents 64/6 times those they get in
+    a batch of 64. Encode in batches of the training batch size, every model.
     """
 
     name: str

@@ -9,9 +9,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -112,6 +114,39 @@ def test_stop_handler_defers_the_first_signal_and_raises_on_the_second():
     cli.STOP.clear()
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_multi_process_start_says_it_waits_stops_on_a_signal_and_gives_up_in_one_line(tmp_path):
+    """Process 0 of 2 whose peer never comes: it says that it waits; SIGTERM ends the wait at once (exit 130), and
+    --startup-timeout ends it with one line (exit 1), no traceback, no C++ abort, no run folder; a coordinator
+    without a port is refused before any wait."""
+    base = [sys.executable, "-m", "experiments.gon", "--dataset", "coil20", "--workdir", str(tmp_path / "run"),
+            "--num-processes", "2", "--process-id", "0"]
+    bad = subprocess.run(base + ["--coordinator", "foo"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        "python -m experiments.gon: error: --coordinator must be HOST:PORT with a port from 1 to 65535 (process 0's "
+        "address), got 'foo'"]
+    timed = subprocess.run(base + ["--coordinator", f"localhost:{_free_port()}", "--startup-timeout", "3"],
+                           capture_output=True, text=True, cwd=REPO, timeout=120)
+    lines = timed.stderr.strip().splitlines()
+    assert timed.returncode == 1 and len(lines) == 2, timed.stderr[-2000:]
+    assert "waiting up to 3 s for the run's processes to join" in lines[0]
+    assert "did not all join" in lines[1] and "within 3 s" in lines[1]
+    waiting = subprocess.Popen(base + ["--coordinator", f"localhost:{_free_port()}"], stderr=subprocess.PIPE,
+                               text=True, cwd=REPO)
+    assert "waiting up to 300 s" in waiting.stderr.readline()
+    started = time.monotonic()
+    waiting.send_signal(signal.SIGTERM)
+    _, rest = waiting.communicate(timeout=60)
+    assert waiting.returncode == 130 and time.monotonic() - started < 10
+    assert "interrupted while waiting for the run's other processes" in rest and "Traceback" not in rest
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_an_intact_one(
         shared_data, tfds_dir, tmp_path, capsys):
     run = tmp_path / "run"
@@ -123,6 +158,8 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_an_in
     result = run_main("sample", "--workdir", run, "--kind", "reconstructions", "--n", 8, "--out", tmp_path / "r.png")
     assert result.returncode == 0 and (tmp_path / "r.png").exists(), result.stderr
     assert "checkpoint of step 18 is damaged" in result.stderr and "Traceback" not in result.stderr
+    damage_lines = [line for line in result.stderr.splitlines() if "is damaged" in line]
+    assert len(damage_lines) == 1 and "pybind11" not in result.stderr and "<bound method" not in result.stderr
 
     capsys.readouterr()
     records = train.train_and_evaluate(_config(shared_data, tfds_dir, epochs=2), run)

@@ -1,6 +1,7 @@
 """The results suite's plan and report (experiments.suite), against hand-written expectations of GON-SPEC 8 and 9
 and a fixture results folder of hand-written metrics.jsonl files."""
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -204,6 +205,16 @@ def test_plans_models_and_inference_import_no_tfds_matplotlib_or_tqdm():
             "heavy = [m for m in ('tensorflow_datasets', 'matplotlib', 'tqdm') if m in sys.modules]; "
             "assert not heavy, heavy")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_trainer_and_the_report_leave_pyplots_backend_to_the_user():
+    """gonjax draws its pictures into files without pyplot: importing the trainer, the report's figures and the
+    plots keeps the backend a notebook (here: MPLBACKEND=svg) chose, so its own figures still show."""
+    code = ("import gonjax.train, gonjax.plots, experiments.figures, matplotlib, matplotlib.pyplot; "
+            "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env={**os.environ, "MPLBACKEND": "svg"})
     assert result.returncode == 0, result.stderr[-2000:]
 
 
