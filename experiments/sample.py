@@ -22,14 +22,20 @@ from gonjax.steps import make_eval_step
 
 def reconstructions(config, model, state, n: int, seed: int, should_stop=None):
     """The first n test images and their reconstructions (uint8), evaluated in batches of the run's batch size
-    (BN statistics per batch, as in training)."""
+    (BN statistics per batch, as in training). Past the last full batch (evaluation drops a partial one), the
+    images left make a batch of their own, BN over them: COIL-20's 288 test images are 4 batches of 64 and one
+    of 32."""
     data = input_pipeline.load_dataset(config.dataset, model.image_size, config.data_dir, config.manual_dir)
-    count = math.ceil(n / config.batch_size) * config.batch_size
-    if count > len(data.test):
-        raise UsageError(f"--n {n} needs {count} test images; {config.dataset} has {len(data.test)}")
+    if n > len(data.test):
+        raise UsageError(f"--n {n}: {config.dataset} has {len(data.test)} test images; choose at most that")
+    count = min(math.ceil(n / config.batch_size) * config.batch_size, len(data.test))
+    if count % config.batch_size == 1 and model.render is None:  # batch norm cannot take one image
+        raise UsageError(f"--n {n} would leave one test image for a batch of its own, and batch norm needs two; "
+                         f"choose --n up to {count - 1}")
+    batches = [data.test[first:first + config.batch_size] for first in range(0, count, config.batch_size)]
     eval_step = xla.jit(make_eval_step(model))
     recons = []
-    for index, batch in enumerate(input_pipeline.eval_batches(data.test[:count], config.batch_size)):
+    for index, batch in enumerate(batches):
         stop_if_requested(should_stop)
         _, reconstruction = eval_step(state, batch, jax.random.fold_in(jax.random.PRNGKey(seed), index))
         recons.append(plots.to_uint8(reconstruction))

@@ -139,17 +139,19 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> j
 # exact for |n| < 2**16 (|x| < 1e5), the fifth is the float32 nearest the rest; together pi / 2 to 1e-19.
 _HALF_PI_PARTS = (1.5703125, 4.825592041015625e-4, 1.2665987014770508e-6, 9.89530235528946e-10,
                   2.5633440682570896e-12)
-# Taylor coefficients on |r| <= pi / 4: sin r = r + r^3 (S0 + S1 r^2 + ...), up to r^11 (truncation under 2e-9 of
-# r: 0.03 float32 ulps); cos r = 1 - r^2 / 2 + r^4 (C0 + C1 r^2 + ...), up to r^12 (under 1e-12).
-_SIN_COEFFICIENTS = tuple((-1) ** i / math.factorial(2 * i + 1) for i in range(1, 6))
-_COS_COEFFICIENTS = tuple((-1) ** i / math.factorial(2 * i) for i in range(2, 7))
+# Taylor coefficients on |r| <= pi / 4: sin r = r + r^3 (S0 + S1 r^2 + ...) up to r^9 (the first term left out,
+# r^11 / 11!, is under 3e-9 of sin r: 0.05 float32 ulps); cos r = 1 - r^2 / 2 + r^4 (C0 + C1 r^2 + ...) up to
+# r^10 (under 2e-10).
+_SIN_COEFFICIENTS = tuple((-1) ** i / math.factorial(2 * i + 1) for i in range(1, 5))
+_COS_COEFFICIENTS = tuple((-1) ** i / math.factorial(2 * i) for i in range(2, 6))
 
 
-def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """s, e with s = fl(a + b) and s + e = a + b exactly (Knuth's TwoSum: any magnitudes, no branch)."""
+def _fast_two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """s, e with s = fl(a + b) and s + e = a + b exactly, where |a| >= |b| or the sum is exact (Dekker). In the
+    reduction below both hold: a difference smaller than the part subtracted is exact, its operands being on
+    grids far finer than itself."""
     s = a + b
-    b_virtual = s - a
-    return s, (a - (s - b_virtual)) + (b - b_virtual)
+    return s, b - (s - a)
 
 
 def _horner(z: jax.Array, coefficients: tuple[float, ...]) -> jax.Array:
@@ -163,29 +165,27 @@ def _quarter_turns_sine(x: jax.Array, shift: int) -> jax.Array:
     """sin(x + shift * pi / 2) in float32, within 1 ulp of the true value (0.5 is correct rounding) for |x| < 1e5
     (benchmarks/sine_accuracy.py measures it, tests/test_models.py bounds it).
 
-    x = n pi / 2 + r with n the nearest integer, |r| <= pi / 4, r carried as r_hi + r_lo (the reduction's last
-    three subtractions are TwoSums, so r is right to about 1e-19 n even near a zero of the result); then sin r or cos r
-    by quadrant, each as its leading term plus a correction that takes r_lo in: sin(r_hi + r_lo) = r_hi + (r_lo +
-    r_hi^3 S(r_hi^2)), cos(r_hi + r_lo) = w + (((1 - w) - r_hi^2 / 2) + (r_hi^4 C(r_hi^2) - r_hi r_lo)) with
-    w = 1 - r_hi^2 / 2, whose rounding error the bracket puts back.
+    x = n pi / 2 + r with n the nearest integer, |r| <= pi / 4, r carried as r_hi + r_lo (the third and fourth
+    parts are subtracted by FastTwoSums, the fifth into r_lo, so r is right to about 1e-19 n even near a zero of the
+    result); then sin r or cos r by quadrant, each as its leading term plus a correction that takes r_lo in to
+    first order: sin(r_hi + r_lo) = r_hi + (r_lo w + r_hi^3 S(r_hi^2)), cos(r_hi + r_lo) = w + (((1 - w) -
+    r_hi^2 / 2) + (r_hi^4 C(r_hi^2) - r_hi r_lo)) with w = 1 - r_hi^2 / 2 (about cos r_hi), whose rounding error the
+    bracket puts back.
     """
     n = jnp.round(x * (2 / math.pi))
     r = x - n * _HALF_PI_PARTS[0]  # exact: n * part is, and the difference is small
     r = r - n * _HALF_PI_PARTS[1]  # exact too (see _HALF_PI_PARTS)
-    r_lo = 0.0
-    for part in _HALF_PI_PARTS[2:]:
-        r, low = _two_sum(r, -(n * part))
-        r_lo = r_lo + low
-    r_hi = r
+    r, low = _fast_two_sum(r, -(n * _HALF_PI_PARTS[2]))
+    r_hi, low_2 = _fast_two_sum(r, -(n * _HALF_PI_PARTS[3]))
+    r_lo = (low + low_2) - n * _HALF_PI_PARTS[4]  # the last part is below r_hi's rounding unless r is tiny
     z = r_hi * r_hi
-    sin_r = r_hi + (r_lo + r_hi * z * _horner(z, _SIN_COEFFICIENTS))
     half_z = 0.5 * z
     w = 1 - half_z
+    sin_r = r_hi + (r_lo * w + r_hi * z * _horner(z, _SIN_COEFFICIENTS))
     cos_r = w + (((1 - w) - half_z) + (z * z * _horner(z, _COS_COEFFICIENTS) - r_hi * r_lo))
-    quadrant = n + shift
-    quadrant = quadrant - 4 * jnp.floor(quadrant * 0.25)  # 0, 1, 2, 3
-    value = jnp.where((quadrant == 1) | (quadrant == 3), cos_r, sin_r)
-    return jnp.where(quadrant >= 2, -value, value)
+    quadrant = n.astype(jnp.int32) + shift  # |n| < 2**16 where the result means anything
+    value = jnp.where((quadrant & 1) == 1, cos_r, sin_r)
+    return jnp.where((quadrant & 2) == 2, -value, value)
 
 
 @jax.custom_jvp

@@ -20,6 +20,11 @@ except ImportError:  # Windows
     fcntl = None
 
 
+def looks_like_a_run(path: Path) -> bool:
+    """Whether a folder holds what a gonjax run writes besides config.json (checkpoints, metrics.jsonl)."""
+    return (path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file()
+
+
 class RunDir:
     """A run's folder: refuses to touch anything that is not this run, holds an exclusive lock on it while the
     run is open (a second process on the same folder gets a UsageError naming the holder; the operating system
@@ -71,6 +76,9 @@ class RunDir:
                                  "choose another --workdir or rerun with its settings")
         elif self.path.exists() and (not self.path.is_dir()
                                      or any(not self._being_created(p.name) for p in self.path.iterdir())):
+            if looks_like_a_run(self.path):
+                raise UsageError(f"--workdir {self.path} holds a run's files but no config.json (deleted?); put "
+                                 "it back (it records the run's settings) or choose another --workdir")
             raise UsageError(f"--workdir {self.path} exists and is not a gonjax run; choose another --workdir")
 
     def _being_created(self, name: str) -> bool:

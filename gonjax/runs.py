@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gonjax import checkpoints, files, render as rendering, xla
+from gonjax import checkpoints, files, render as rendering, rundir, xla
 from gonjax.config import Config
 from gonjax.errors import UsageError
 from gonjax.steps import TrainState, create_train_state, make_optimizer
@@ -116,7 +116,14 @@ def load_run(workdir) -> Run:
     """The run in `workdir` at its latest intact checkpoint (a damaged newer one is named on stderr and skipped).
     A folder that is not a gonjax run, or holds no checkpoint, is a UsageError."""
     path = files.check_path(workdir, "--workdir")
-    if not (path / "config.json").is_file() or not (path / "data.json").is_file():
+    missing = [name for name in ("config.json", "data.json") if not (path / name).is_file()]
+    if "config.json" in missing and rundir.looks_like_a_run(path):
+        raise UsageError(f"{path} holds a run's files but no config.json (deleted?); put it back (it records the "
+                         "run's settings)")
+    if missing == ["data.json"] and rundir.looks_like_a_run(path):
+        raise UsageError(f"{path} has no data.json (deleted?); rerun the run's training command, which writes it "
+                         "again (a finished run trains nothing more)")
+    if missing:
         raise UsageError(f"{path} is not a gonjax run folder (no config.json / data.json)")
     config = Config.load(path / "config.json")
     try:

@@ -118,6 +118,12 @@ def test_baseline_and_variational_clis_on_coil20(model, shared_data, tfds_dir, t
     if model == "ae":
         _assert_one_line_error(_run("--workdir", str(workdir), "--kind", "samples", module="sample"),
                                "no prior to sample from")
+        # COIL-20's 288 test images: 4 batches of 64 and the 32 left as a batch of their own; 289 do not exist
+        every = _run("--workdir", str(workdir), "--n", "288", "--kind", "reconstructions",
+                     "--out", str(tmp_path / "all.png"), module="sample")
+        assert every.returncode == 0 and (tmp_path / "all.png").exists(), every.stderr[-3000:]
+        _assert_one_line_error(_run("--workdir", str(workdir), "--n", "289", "--kind", "reconstructions",
+                                    module="sample"), "coil20 has 288 test images")
 
 
 def test_sample_on_a_folder_that_is_not_a_run(tmp_path):

@@ -173,6 +173,16 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_an_in
     (run / "config.json").write_text(json.dumps({**saved, "nz": "8"}))
     _one_line(run_main("sample", "--workdir", run, "--kind", "reconstructions"), "nz is '8'", "int | None")
 
+    (run / "config.json").unlink()  # deleted files of a run are named, not called "not a gonjax run"
+    _one_line(run_main("sample", "--workdir", run), "holds a run's files but no config.json (deleted?)")
+    with pytest.raises(UsageError, match="holds a run's files but no config.json"):
+        train.train_and_evaluate(_config(shared_data, tfds_dir, epochs=2), run)
+    (run / "config.json").write_text(json.dumps(saved))
+    (run / "data.json").unlink()
+    _one_line(run_main("sample", "--workdir", run), "no data.json (deleted?); rerun the run's training command")
+    train.train_and_evaluate(_config(shared_data, tfds_dir, epochs=2), run)  # finished: writes data.json, no step
+    assert (run / "data.json").is_file() and _steps(run / "metrics.jsonl") == [0, 18, 36]
+
 
 def test_a_full_disk_stops_the_run_in_one_line_and_the_rerun_resumes(shared_data, tfds_dir, tmp_path,
                                                                      monkeypatch):
