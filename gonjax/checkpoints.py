@@ -45,7 +45,8 @@ def open_manager(run_path: Path, keep: int | None = None, read_only: bool = Fals
     """The checkpoint manager of the run folder `run_path`, keeping the `keep` newest checkpoints. Saves are
     synchronous: a failed save (a full disk) stops the run at that step, not an epoch later."""
     options = (ocp.CheckpointManagerOptions(read_only=True) if read_only else
-               ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False))
+               ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
+                                            cleanup_tmp_directories=True))
     return ocp.CheckpointManager((Path(run_path) / FOLDER).absolute(), options=options)
 
 
