@@ -84,15 +84,23 @@ def accuracy(arguments: np.ndarray) -> dict:
     return out
 
 
-def _gonjax_curve(variables: dict, batches: np.ndarray, dtype, kernel_choice: str) -> tuple[list[float], dict]:
-    """Loss per step of gonjax's Implicit GON trained on `batches` in `dtype`, and the final parameters."""
-    config = _config(kernels=kernel_choice)
+def _training(config: Config, sample: jax.Array, variables: dict | None = None, jit=xla.jit):
+    """The training step of `config`'s model jitted by `jit` (default: as the trainer compiles it, gonjax.xla),
+    and its first state: from `variables` (cast to the sample's dtype) or the model's own initialisation."""
     model = zoo.build_model(config, 1, backend="cpu")
     optimizer = steps.make_optimizer(config)
-    cast = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), variables)
+    if variables is not None:
+        variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, sample.dtype), variables)
+    state = steps.create_train_state(model, optimizer, jax.random.PRNGKey(0), sample, variables)
+    return jit(steps.make_train_step(model, optimizer)), state
+
+
+def _gonjax_curve(variables: dict, batches: np.ndarray, dtype, kernel_choice: str) -> tuple[list[float], dict]:
+    """Loss per step of gonjax's Implicit GON trained on `batches` in `dtype`, and the final parameters."""
+    # plain jax.jit, as the trajectories in benchmarks/README.md were measured
+    train_step, state = _training(_config(kernels=kernel_choice), jnp.asarray(batches[0], dtype), variables,
+                                  jit=jax.jit)
     key = jax.random.PRNGKey(0)
-    state = steps.create_train_state(model, optimizer, key, jnp.asarray(batches[0], dtype), cast)
-    train_step = jax.jit(steps.make_train_step(model, optimizer))
     curve = []
     for batch in batches:
         state, metrics = train_step(state, jnp.asarray(batch, dtype), key)
@@ -104,9 +112,10 @@ def _torch_curve(variables: dict, batches: np.ndarray) -> list[float]:
     """The PyTorch reference's float32 loss per step, from the same weights."""
     import torch
 
-    module = tr.Siren(nz=_config().nz).float()
+    config = _config()
+    module = tr.Siren(nz=config.nz).float()
     tr.load_flax_variables(module, variables)
-    optimizer = tr.make_adam(module, _config().lr)
+    optimizer = tr.make_adam(module, config.lr)
     return [float(tr.implicit_gon_train_step(module, optimizer, torch.from_numpy(b.astype(np.float32)), "sum").loss)
             for b in batches]
 
@@ -114,13 +123,8 @@ def _torch_curve(variables: dict, batches: np.ndarray) -> list[float]:
 def step_times(count: int, block: int = 5) -> dict:
     """Median ms of the spec's Implicit GON training step with each SIREN sine, in alternating blocks."""
     images = jax.random.uniform(jax.random.PRNGKey(0), (64, 28, 28, 1))
-    runs = {}
-    for name, choice in SINES.items():
-        config = Config(model="implicit_gon", dataset="fashion_mnist", kernels=choice)
-        model = zoo.build_model(config, 1, backend="cpu")
-        optimizer = steps.make_optimizer(config)
-        state = steps.create_train_state(model, optimizer, jax.random.PRNGKey(0), images)
-        runs[name] = [xla.jit(steps.make_train_step(model, optimizer)), state]  # as the trainer compiles it
+    runs = {name: list(_training(Config(model="implicit_gon", dataset="fashion_mnist", kernels=choice), images))
+            for name, choice in SINES.items()}
     samples = {name: [] for name in runs}
     for name, run in runs.items():  # compile and warm up
         for _ in range(2):

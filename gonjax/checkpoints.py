@@ -31,7 +31,8 @@ FOLDER, DAMAGED_FOLDER = "checkpoints", "damaged_checkpoints"
 def quiet_orbax():
     """Hold back orbax's warnings (the "absl" logger below ERROR) for the duration: what it says when a manager is
     opened read-only (that it will not save or create) or reads a checkpoint without a metadata file is nothing a
-    reader of a run can act on. The logger's level is restored afterwards."""
+    user of a run can act on (`open_manager` and `restore_intact` open and read through it, for every caller).
+    The logger's level is restored afterwards."""
     logger = logging.getLogger("absl")
     level = logger.level
     logger.setLevel(max(level, logging.ERROR))
@@ -47,7 +48,8 @@ def open_manager(run_path: Path, keep: int | None = None, read_only: bool = Fals
     options = (ocp.CheckpointManagerOptions(read_only=True) if read_only else
                ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
                                             cleanup_tmp_directories=True))
-    return ocp.CheckpointManager((Path(run_path) / FOLDER).absolute(), options=options)
+    with quiet_orbax():
+        return ocp.CheckpointManager((Path(run_path) / FOLDER).absolute(), options=options)
 
 
 def state_dict(state: TrainState) -> dict:
@@ -129,7 +131,8 @@ def restore_intact(manager: ocp.CheckpointManager, state: TrainState,
                 f"{Path(manager.directory)} / step {step} does not fit these settings ({different}); rerun with "
                 "the settings in its config.json, or choose another --workdir")
         try:
-            restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+            with quiet_orbax():
+                restored = manager.restore(step, args=ocp.args.StandardRestore(target))
         except Exception as error:  # noqa: BLE001 - tensorstore and orbax raise many types for a damaged file
             on_damaged(step, damage_reason(error))
             continue

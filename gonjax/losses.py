@@ -13,9 +13,14 @@ def pixel_sse_loss(reconstruction: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.mean(jnp.sum(jnp.square(reconstruction - target), axis=-1))
 
 
+def _per_image(values: jax.Array) -> jax.Array:
+    """`values` (B, ...) summed over every axis but the batch's: one value per image."""
+    return jnp.sum(values, axis=tuple(range(1, values.ndim)))
+
+
 def sse_per_image(reconstruction: jax.Array, target: jax.Array) -> jax.Array:
     """SSE/img of Tables 1 and 3 (GON-SPEC 7): sum over H, W, C of (x^ - x)^2, one value per image."""
-    return jnp.sum(jnp.square(reconstruction - target), axis=tuple(range(1, target.ndim)))
+    return _per_image(jnp.square(reconstruction - target))
 
 
 def bce_per_image(reconstruction: jax.Array, target: jax.Array, eps: float = 1e-10) -> jax.Array:
@@ -24,7 +29,7 @@ def bce_per_image(reconstruction: jax.Array, target: jax.Array, eps: float = 1e-
     -[x log(x^ + eps) + (1 - x) log(1 - x^ + eps)]
     """
     terms = target * jnp.log(reconstruction + eps) + (1 - target) * jnp.log(1 - reconstruction + eps)
-    return -jnp.sum(terms, axis=tuple(range(1, target.ndim)))
+    return -_per_image(terms)
 
 
 def kld_per_image(mu: jax.Array, logvar: jax.Array) -> jax.Array:
@@ -55,17 +60,21 @@ def clamped_bce(output: jax.Array, target: jax.Array) -> jax.Array:
     divide by max(p (1 - p), 1e-12); autodiff of the clamped logs would give 0 * inf = NaN wherever a float32
     sigmoid rounds to exactly 0 or 1, PyTorch gives a finite slope.
     """
-    log_p = jnp.maximum(jnp.log(output), -100.0)
-    log_not_p = jnp.maximum(jnp.log1p(-output), -100.0)
+    log_p, log_not_p = _clamped_logs(output)
     return -(target * log_p + (1 - target) * log_not_p)
+
+
+def _clamped_logs(output: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """log p and log(1 - p), each clamped at -100 as PyTorch's BCE does."""
+    return jnp.maximum(jnp.log(output), -100.0), jnp.maximum(jnp.log1p(-output), -100.0)
 
 
 @clamped_bce.defjvp
 def _clamped_bce_jvp(primals, tangents):
     output, target = primals
     d_output, d_target = tangents
-    log_odds = jnp.maximum(jnp.log(output), -100.0) - jnp.maximum(jnp.log1p(-output), -100.0)
-    return clamped_bce(output, target), _bce_slope(output, target) * d_output - log_odds * d_target
+    log_p, log_not_p = _clamped_logs(output)
+    return clamped_bce(output, target), _bce_slope(output, target) * d_output - (log_p - log_not_p) * d_target
 
 
 @jax.custom_jvp
@@ -90,7 +99,7 @@ def _bce_slope_jvp(primals, tangents):
 
 def clamped_bce_per_image(reconstruction: jax.Array, target: jax.Array) -> jax.Array:
     """`clamped_bce` summed over H, W, C per image: P's `binary_cross_entropy(...).sum(1)` (Variational-GON.py)."""
-    return jnp.sum(clamped_bce(reconstruction, target), axis=tuple(range(1, target.ndim)))
+    return _per_image(clamped_bce(reconstruction, target))
 
 
 def peer_inner_bce(output: jax.Array, target: jax.Array) -> jax.Array:

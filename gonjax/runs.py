@@ -145,12 +145,11 @@ def load_run(workdir) -> Run:
         print(f"{path}: the checkpoint of step {step} is damaged ({reason}); using an older one",
               file=sys.stderr, flush=True)
 
-    with checkpoints.quiet_orbax():
-        manager = checkpoints.open_manager(path, read_only=True)
-        if manager.latest_step() is None:
-            raise UsageError(f"{path} has no checkpoints yet; train it first")
-        restored = checkpoints.restore_intact(manager, state, on_damaged)
-        manager.close()
+    manager = checkpoints.open_manager(path, read_only=True)
+    if manager.latest_step() is None:
+        raise UsageError(f"{path} has no checkpoints yet; train it first")
+    restored = checkpoints.restore_intact(manager, state, on_damaged)
+    manager.close()
     if restored is None:
         raise UsageError(f"{path}: no intact checkpoint (see above); rerun its training command to train it again")
     return Run(path, config, model, restored, data_info)
