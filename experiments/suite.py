@@ -314,15 +314,17 @@ def seeds_on_disk(results: Path, cell: Cell) -> set[int]:
 
 def collect(cells: Sequence[Cell], results: Path, max_epochs: int | None = None, archive: Path | None = None,
             earlier: dict | None = None) -> list[CellResult]:
-    """Every planned cell and every seed known for the same row and dataset (a run folder under `results` or
-    `archive`, or an earlier report's entry), each read where it got furthest."""
+    """Every seed known for each planned cell's row and dataset (a run folder under `results` or `archive`, or an
+    earlier report's entry), each read where it got furthest; a cell with no seed known at all is listed as itself
+    (not started, or its dataset missing). A planned seed that is not known is not a seed of the cell: a suite
+    started with --seeds 1 on one row does not add an unstarted seed 1 to every other cell of its report."""
     status = read_status(results)
     earlier = earlier or {}
     wanted, seen = [], set()
     for cell in cells:
-        known = {cell.seed} | seeds_on_disk(results, cell) | (seeds_on_disk(archive, cell) if archive else set())
+        known = seeds_on_disk(results, cell) | (seeds_on_disk(archive, cell) if archive else set())
         known |= {key[3] for key in earlier if key[:3] == _key(cell)[:3]}
-        for seed in sorted(known):
+        for seed in sorted(known or {cell.seed}):
             other = Cell(cell.row, cell.dataset, seed)
             if _key(other) not in seen:
                 seen.add(_key(other))
@@ -408,7 +410,8 @@ class Summary:
 
     @property
     def seeds(self) -> int:
-        return len(self.results)
+        """The seeds with a measurement (all of them while none has one)."""
+        return sum(r.epoch is not None for r in self.results) or len(self.results)
 
     @property
     def status(self) -> str:

@@ -6,9 +6,7 @@ RUN/damaged_checkpoints/.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
-import logging
 import os
 import re
 import shutil
@@ -21,34 +19,19 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from gonjax import resources
-from gonjax.errors import CheckpointMismatchError, UsageError
+from gonjax.errors import CheckpointMismatchError, UsageError, quiet_absl
 from gonjax.steps import TrainState
 
 FOLDER, DAMAGED_FOLDER = "checkpoints", "damaged_checkpoints"
 
 
-@contextlib.contextmanager
-def quiet_orbax():
-    """Hold back orbax's warnings (the "absl" logger below ERROR) for the duration: what it says when a manager is
-    opened read-only (that it will not save or create) or reads a checkpoint without a metadata file is nothing a
-    user of a run can act on (`open_manager` and `restore_intact` open and read through it, for every caller).
-    The logger's level is restored afterwards."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(max(level, logging.ERROR))
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def open_manager(run_path: Path, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
     """The checkpoint manager of the run folder `run_path`, keeping the `keep` newest checkpoints. Saves are
     synchronous: a failed save (a full disk) stops the run at that step, not an epoch later."""
-    options = (ocp.CheckpointManagerOptions(read_only=True) if read_only else
-               ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
-                                            cleanup_tmp_directories=True))
-    with quiet_orbax():
+    with quiet_absl():  # orbax says at once that a read-only manager will not save (errors.quiet_absl)
+        options = (ocp.CheckpointManagerOptions(read_only=True) if read_only else
+                   ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
+                                                cleanup_tmp_directories=True))
         return ocp.CheckpointManager((Path(run_path) / FOLDER).absolute(), options=options)
 
 
@@ -123,6 +106,43 @@ def restore_intact(manager: ocp.CheckpointManager, state: TrainState,
     `on_damaged(step, reason)` is told of every newer one that does not (a truncated or corrupted file). A
     checkpoint of another structure (other settings, or a gonjax that builds another parameter tree) is not
     damaged: it is a CheckpointMismatchError, and nothing is moved or truncated."""
+    with quiet_absl():  # orbax's notices while it reads (a checkpoint without a metadata file)
+        return _restore_newest_intact(manager, state, on_damaged)
+
+
+def _drop_orbax_leftovers() -> None:
+    """After a damaged read, keep Python from reporting orbax's leftovers (installed once per process).
+
+    Reading a damaged checkpoint, orbax abandons its other array reads and closes its event loop; as those reads
+    finish in TensorStore's threads, and as their coroutines are collected, Python prints each as "Exception
+    ignored in ..." with a traceback, pages of them after the one line that names the damage, at any later
+    moment. The hook drops exactly those (a coroutine of orbax's code; asyncio's "Event loop is closed") and
+    passes every other report to the hook that was there before."""
+    global _HOOK_INSTALLED
+    if _HOOK_INSTALLED:
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+            return
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        if isinstance(error, RuntimeError) and str(error.__cause__) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    _HOOK_INSTALLED = True
+
+
+_HOOK_INSTALLED = False
+
+
+def _restore_newest_intact(manager: ocp.CheckpointManager, state: TrainState,
+                           on_damaged: Callable[[int, str], None]) -> TrainState | None:
     target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_dict(state))
     for step in sorted(manager.all_steps(), reverse=True):
         different = mismatch(Path(manager.directory) / str(step), target)
@@ -131,9 +151,9 @@ def restore_intact(manager: ocp.CheckpointManager, state: TrainState,
                 f"{Path(manager.directory)} / step {step} does not fit these settings ({different}); rerun with "
                 "the settings in its config.json, or choose another --workdir")
         try:
-            with quiet_orbax():
-                restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+            restored = manager.restore(step, args=ocp.args.StandardRestore(target))
         except Exception as error:  # noqa: BLE001 - tensorstore and orbax raise many types for a damaged file
+            _drop_orbax_leftovers()
             on_damaged(step, damage_reason(error))
             continue
         if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(restored)

@@ -1,7 +1,9 @@
-"""Errors a user can fix (the CLIs print their message as one line and exit non-zero, without a traceback), and
-the safe points where a requested stop (Ctrl-C, SIGTERM) is honoured."""
+"""Errors a user can fix (the CLIs print their message as one line and exit non-zero, without a traceback), the
+safe points where a requested stop (Ctrl-C, SIGTERM) is honoured, and the libraries' notices held back."""
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable
 
 
@@ -39,3 +41,18 @@ def stop_if_requested(should_stop: Callable[[], bool] | None) -> None:
     their Ctrl-C / SIGTERM flag). Long loops (training, evaluation, rendering) call this between device calls."""
     if should_stop is not None and should_stop():
         raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def quiet_absl():
+    """Hold back the warnings orbax and TFDS log through the "absl" logger (below ERROR) for the duration, then
+    restore its level: a manager opened read-only (it will not save), a checkpoint without a metadata file, a
+    dataset folder without its info while TFDS prepares it are nothing a user can act on, and the library is used
+    where the CLIs' own silencing does not reach (a notebook). Errors still show."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

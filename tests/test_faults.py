@@ -147,6 +147,7 @@ def test_a_multi_process_start_says_it_waits_stops_on_a_signal_and_gives_up_in_o
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no "Exception ignored in" pages
 def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_an_intact_one(
         shared_data, tfds_dir, tmp_path, capsys):
     run = tmp_path / "run"

@@ -157,6 +157,23 @@ def test_report_reads_cells_seeds_partial_epochs_and_missing_data(fixture_result
     assert "not run" in suite.format_cell(summaries["ae", "mnist"])
 
 
+def test_a_report_planned_for_another_seed_lists_only_the_seeds_that_exist(fixture_results):
+    """A queue started with --seeds 1 writes the report of every cell with seed 1 planned: cells whose runs exist
+    keep exactly their seeds (no unstarted seed 1 counted), a cell with none is listed as its planned seed."""
+    read = _by_cell(suite.collect(suite.plan(["table1"], ["mnist", "coil20"], ["gon", "ae"], seeds=[1]),
+                                  fixture_results))
+    assert sorted(read) == [("ae", "coil20", 0), ("ae", "mnist", 1), ("gon", "coil20", 0), ("gon", "coil20", 1),
+                            ("gon", "coil20", 2), ("gon", "mnist", 0)]
+    summaries = {(s.row.name, s.dataset): s for s in suite.summarize(list(read.values()))}
+    assert [summaries[key].seeds for key in (("gon", "mnist"), ("ae", "coil20"), ("gon", "coil20"))] == [1, 1, 3]
+    assert "seeds" not in suite.format_cell(summaries["gon", "mnist"])
+    assert "not run" in suite.format_cell(summaries["ae", "mnist"])
+    # A seed whose folder exists but has no measurement yet is not counted beside one that has.
+    waiting = suite.CellResult(suite.Cell(summaries["gon", "mnist"].row, "mnist", 1), "run1", "not started", 500)
+    summary, = suite.summarize([read["gon", "mnist", 0], waiting])
+    assert summary.seeds == 1 and summary.epoch == 60 and "seeds" not in suite.format_cell(summary)
+
+
 def _grey_png(path, epoch: int) -> None:
     """A 40x40 picture whose grey level says which epoch it is from."""
     import matplotlib.pyplot as plt

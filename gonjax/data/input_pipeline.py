@@ -29,7 +29,7 @@ from tensorflow_datasets.core.download.download_manager import NonMatchingChecks
 from gonjax.catalog import CHANNELS, NATIVE_SIZE  # noqa: F401  (re-exported)
 from gonjax.data.batches import epoch_order, eval_batches, num_batches, prefetch_to_device, train_batches  # noqa: F401
 from gonjax.data.builders import BUILDERS
-from gonjax.errors import DataError
+from gonjax.errors import DataError, quiet_absl
 
 
 
@@ -58,7 +58,13 @@ def find_manual_dir(name: str, manual_dir) -> Path:
 
 
 def prepare_builder(name: str, data_dir=None, manual_dir=None) -> tfds.core.DatasetBuilder:
-    """The TFDS builder of `name`, prepared in `data_dir` (downloading, or from `manual_dir` when given)."""
+    """The TFDS builder of `name`, prepared in `data_dir` (downloading, or from `manual_dir` when given); TFDS's
+    logged notices held back (`errors.quiet_absl`)."""
+    with quiet_absl():
+        return _prepared_builder(name, data_dir, manual_dir)
+
+
+def _prepared_builder(name: str, data_dir, manual_dir) -> tfds.core.DatasetBuilder:
     if name not in BUILDERS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(BUILDERS)}")
     tfds.disable_progress_bar()
