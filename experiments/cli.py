@@ -158,10 +158,14 @@ def report_errors(prog: str, action: Callable[[], object]) -> int:
         print(f"{prog}: error: {error}", file=sys.stderr)
         parallel.exit_if_several(1)
         return 1
-    except (RuntimeError, ValueError) as error:
+    except (RuntimeError, ValueError, AssertionError) as error:
         if parallel.lost_peer(error):  # another process of a multi-process run died: stop, one line
             parallel.exit_lost_peer(prog, error)
-        raise
+        problem = None if isinstance(error, ValueError) else parallel.backend_problem()
+        if problem is None:
+            raise
+        print(f"{prog}: error: {problem}", file=sys.stderr)  # an unusable JAX_PLATFORMS, met at the first device use
+        return 1
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

@@ -292,17 +292,22 @@ def read_earlier(out: Path, max_epochs: int | None) -> dict:
     file = Path(out) / "results.json"
     if not file.is_file():
         return {}
-    document = json.loads(file.read_text())
-    if document.get("max_epochs") != max_epochs:
-        return {}
-    rows = {(row.table, row.name): row for row in ROWS}
-    earlier = {}
-    for entry in document.get("cells", []):
-        row = rows.get((entry.get("table"), entry.get("row")))
-        if row is None or entry.get("dataset") not in row.j or entry.get("epoch") is None:
-            continue
-        cell = Cell(row, entry["dataset"], int(entry["seed"]))
-        earlier[_key(cell)] = CellResult.from_json(cell, entry, document.get("written", "an earlier date"))
+    try:
+        document = json.loads(file.read_text())
+        if document.get("max_epochs") != max_epochs:
+            return {}
+        rows = {(row.table, row.name): row for row in ROWS}
+        earlier = {}
+        for entry in document["cells"]:
+            row = rows.get((entry.get("table"), entry.get("row")))
+            if row is None or entry.get("dataset") not in row.j or entry.get("epoch") is None:
+                continue
+            cell = Cell(row, entry["dataset"], int(entry["seed"]))
+            earlier[_key(cell)] = CellResult.from_json(cell, entry, document.get("written", "an earlier date"))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        # Its cells may be the only copy of some measurements: refuse to write over it rather than drop them.
+        raise UsageError(f"{file} is not a readable report ({type(error).__name__}: {error}); restore it (e.g. git "
+                         "checkout) or move it aside, then rerun") from None
     return earlier
 
 

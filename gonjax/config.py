@@ -18,6 +18,7 @@ from gonjax.errors import UsageError
 
 MODEL_NAMES = ("gon", "vgon", "ae", "vae", "implicit_gon")
 FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32: a rate below it trains nothing
+FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: a setting above it is infinite where training computes
 CONV_MODELS = ("gon", "vgon", "ae", "vae")  # the models built from the conv decoder (GON-SPEC 2.1)
 ORIGIN_MODELS = ("gon", "vgon", "implicit_gon")  # the models whose latent comes from the origin step
 LOSSES = ("spec", "peer_bce")  # the spec's losses, or gon-pytorch's inner / outer BCE (gonjax.losses)
@@ -260,11 +261,20 @@ class Config:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise UsageError(f"{flag_name(name)} must be a positive number, got {value}")
+        for name in ("lr", "lr_drop_to", "latent_sigma", "kl_weight", "latent_step_size", "fourier_sigma"):
+            value = getattr(self, name)
+            if value is not None and value > FLOAT32_MAX:
+                raise UsageError(f"{flag_name(name)} {value:g} is infinite in float32, where training computes; "
+                                 f"use at most {FLOAT32_MAX:.3g}")
         if self.loss != "spec" and self.semantics != "spec":
             raise UsageError(f"--loss {self.loss} replaces the losses --semantics {self.semantics} selects; "
                              "choose one of the two")
         if self.loss != "spec" and self.loss_reduction != "mean":
             raise UsageError("--loss-reduction sum is the spec's MSE; it does not combine with --loss peer_bce")
+
+    def divergence_remedy(self) -> str:
+        """What to lower when training diverges: the rate, and the latent step where the model takes one."""
+        return "lower --lr" + (" or --latent-step-size" if self.model in ORIGIN_MODELS else "")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

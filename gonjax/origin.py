@@ -158,10 +158,16 @@ def pointwise_origin_gradient(shortcut: OriginShortcut, params, state, batch, or
     return grad, loss, state, outputs
 
 
-def update_key(rng_inner: jax.Array, k: int) -> jax.Array:
+# Later latent updates per iteration of the scan: a few unrolled keep the speed of a fully unrolled program (with
+# one update per iteration, the GON step with 3 updates took 1.2-2x as long), while the program, and its compile
+# time, stop growing with N beyond them (benchmarks/README.md, "Many latent updates").
+UNROLLED_UPDATES = 4
+
+
+def update_key(rng_inner: jax.Array, k) -> jax.Array:
     """The key of the inner pass of latent update k: the inner pass's key itself for the first update (so one
-    update draws what it always drew), fold_in(key, k) for later ones."""
-    return rng_inner if k == 0 else jax.random.fold_in(rng_inner, k)
+    update draws what it always drew), fold_in(key, k) for later ones (k may be traced there)."""
+    return rng_inner if isinstance(k, int) and k == 0 else jax.random.fold_in(rng_inner, k)
 
 
 def origin_step(fit: Fit, params, state, batch, rng: jax.Array, z0: jax.Array, *,
@@ -175,24 +181,37 @@ def origin_step(fit: Fit, params, state, batch, rng: jax.Array, z0: jax.Array, *
     (default `fit`) scores the latent in the updates. The state each pass returns is threaded into the next, as
     successive PyTorch forward passes update BN running averages. `shortcut` (the inner fit, split) computes the
     first update with `origin_gradient`; pass it only when all rows of z0 are equal (z0[:1] is used). Python
-    int `updates` is static: the N updates unroll into the traced program.
+    int `updates` is static; the updates after the first run as one `lax.scan` (`UNROLLED_UPDATES` to an
+    iteration), so the program, and its compile time, do not grow with N.
     """
     if updates < 1:
         raise ValueError(f"updates must be at least 1, got {updates}")
     inner_fit = fit if inner_fit is None else inner_fit
     rng_inner, rng_outer = pass_keys(rng)
-    latent, inner_losses = z0, []
-    for k in range(updates):
-        if k == 0 and shortcut is not None:
-            grad, loss_k, state, _ = origin_gradient(shortcut, params, state, batch, z0[:1])
-        else:
-            def inner(z, state=state, key=update_key(rng_inner, k)):
-                return inner_fit(params, state, z, batch, key)
 
-            (loss_k, (state, _)), grad = jax.value_and_grad(inner, has_aux=True)(latent)
-        latent = latent - step_size * grad  # 1.0 * g is g exactly: the spec's step unchanged
-        inner_losses.append(loss_k)
+    def update(latent, state, k):
+        """z_k -> z_{k+1}, the state after the inner pass, L_in(z_k)."""
+        def inner(z):
+            return inner_fit(params, state, z, batch, update_key(rng_inner, k))
+
+        (loss_k, (state, _)), grad = jax.value_and_grad(inner, has_aux=True)(latent)
+        return latent - step_size * grad, state, loss_k  # 1.0 * g is g exactly: the spec's step unchanged
+
+    if shortcut is not None:
+        grad, first_loss, state, _ = origin_gradient(shortcut, params, state, batch, z0[:1])
+        latent = z0 - step_size * grad
+    else:
+        latent, state, first_loss = update(z0, state, 0)
+    inner_losses = first_loss[None]
+    if updates > 1:
+        def later(carry, k):
+            latent, state, loss_k = update(*carry, k)
+            return (latent, state), loss_k
+
+        (latent, state), later_losses = jax.lax.scan(later, (latent, state), jnp.arange(1, updates),
+                                                     unroll=min(updates - 1, UNROLLED_UPDATES))
+        inner_losses = jnp.concatenate([inner_losses, later_losses])
     if detach:
         latent = jax.lax.stop_gradient(latent)
     loss, (state, output) = fit(params, state, latent, batch, rng_outer)
-    return loss, OriginResult(latent, jnp.stack(inner_losses), state, output)
+    return loss, OriginResult(latent, inner_losses, state, output)

@@ -210,6 +210,30 @@ def _cluster_environment() -> bool:
     return int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_STEP_ID" in os.environ
 
 
+def backend_problem() -> str | None:
+    """Why JAX cannot start the backend JAX_PLATFORMS asks for (one line), or None when it starts. JAX raises a bare
+    AssertionError when JAX_PLATFORMS names cuda on a machine with no visible NVIDIA GPU, and a RuntimeError
+    "Unable to initialize backend ..." for a platform it does not have."""
+    requested = jax.config.jax_platforms
+    try:
+        jax.devices()
+    except AssertionError:
+        return (f"JAX_PLATFORMS={requested!r}: no NVIDIA GPU is visible on this machine; unset JAX_PLATFORMS to "
+                "run on what it has (the CPU), or run where a GPU and jax[cuda12] are")
+    except RuntimeError as error:
+        if "Unable to initialize backend" in str(error):
+            return f"JAX_PLATFORMS={requested!r}: {str(error).splitlines()[0]}"
+    return None
+
+
+def _started_processes() -> int:
+    """jax.process_count() for the error paths: 1 where no backend could start (`backend_problem` says why)."""
+    try:
+        return jax.process_count()
+    except (AssertionError, RuntimeError):
+        return 1
+
+
 def is_primary() -> bool:
     """Whether this process writes the run's files (process 0; the only one of a one-process run)."""
     return jax.process_index() == 0
@@ -234,7 +258,7 @@ LOST_PEER_SIGNS = ("gloo", "connection closed", "connection reset", "heartbeat",
 
 def lost_peer(error: BaseException) -> bool:
     """Whether `error`, raised in a run of several processes, says that another process is gone."""
-    if jax.process_count() < 2 or not isinstance(error, (RuntimeError, ValueError)):
+    if _started_processes() < 2 or not isinstance(error, (RuntimeError, ValueError)):
         return False
     text = str(error).lower()
     return any(sign in text for sign in LOST_PEER_SIGNS)
@@ -254,7 +278,7 @@ def exit_if_several(code: int) -> None:
     """End a process of a multi-process run at once with `code`, after an error it has reported: a normal exit
     would first wait (minutes) at JAX's shutdown barrier for processes that carry on. The others then stop at
     their next collective or when the coordinator misses this process's heartbeat."""
-    if jax.process_count() > 1:
+    if _started_processes() > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -147,6 +147,7 @@ class _Replica:
     events: EventLog | None = None  # process 0's TensorBoard events
     train_seconds: float = 0.0
     warned: bool = False  # a flat loss is warned about once per process
+    trained: bool = False  # trained in this process (a seed brought level is not one that had already finished)
 
     @property
     def config(self) -> Config:
@@ -248,11 +249,13 @@ def _train_group(job: _Job, replicas: list[_Replica], target: int) -> None:
     step = replicas[0].step
     if step >= target and all(r.has_record(step) for r in replicas):
         if step >= job.total_steps:
-            for r in replicas:
+            for r in (r for r in replicas if not r.trained):
                 _say(f"{r.run.path}: this run already finished at step {step} (epoch {r.records[-1]['epoch']}); "
                      "raise --epochs or --max-steps to train on, or choose another --workdir")
         return
     _announce_resume(replicas, step)
+    for r in replicas:
+        r.trained = True
     group = _Group.build(job, replicas)
     if not all(r.has_record(step) for r in replicas) and not job.checkpoint_only(step, config):
         _evaluate_and_act(job, group, step)  # before training, or a record lost after its checkpoint
@@ -362,8 +365,8 @@ def _log_window(job: _Job, group: _Group, meter: "StepMeter", step: int) -> dict
         loss = float(losses[k])
         if not math.isfinite(loss):
             first = step - window["steps"] + 1
-            raise DivergedError(f"{group.prefix(r)}non-finite training loss at steps {first}-{step}; lower --lr or "
-                                "check the data")
+            raise DivergedError(f"{group.prefix(r)}non-finite training loss at steps {first}-{step}; "
+                                f"{r.config.divergence_remedy()}, or check the data")
         row = {"step": step, "epoch": round(step / job.steps_per_epoch, 4), "train_loss": loss,
                "steps": window["steps"], "seconds": round(window["seconds"], 4),
                "steps_per_s": window["steps_per_s"], "images_per_s": window["images_per_s"]}
@@ -443,7 +446,7 @@ def _evaluate(job: _Job, group: _Group, step: int) -> tuple[list[dict], tuple[np
         bad = [name for name, value in record.items() if not math.isfinite(value)]
         if bad:
             raise DivergedError(f"{group.prefix(r)}non-finite evaluation metrics at step {step} ({', '.join(bad)}); "
-                                "lower --lr or check the data")
+                                f"{r.config.divergence_remedy()}, or check the data")
     return records, pictures
 
 

@@ -133,3 +133,19 @@ def test_loading_gonjax_weights_into_the_pytorch_reference_inverts_the_port(name
     target = tr.load_flax_variables(epoch_time.torch_module(name, config, 1), tr.flax_variables(source))
     pairs = list(zip(source.state_dict().items(), target.state_dict().items()))
     assert pairs and all(a == b and torch.equal(x, y) for (a, x), (b, y) in pairs)
+
+
+def test_compile_time_reports_every_phase_and_one_loss_per_program(tmp_path, capsys):
+    """Two numbers of updates, each its own program: every phase timed, and the first step's loss differs (the
+    later updates are applied: the Implicit GON, whose decoder has no batch norm; a GON's BN makes its decoder
+    nearly blind to the scale of z, and its later updates barely move the loss at initialisation)."""
+    from benchmarks import compile_time
+
+    out = tmp_path / "compile.json"
+    assert compile_time.main(["--model", "implicit_gon", "--latent-updates", "1", "7", "--nz", "8", "--batch-size", "4",
+                              "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["latent_updates"] for row in rows] == [1, 7]
+    assert all(row["trace_lower_s"] > 0 and row["compile_s"] > 0 and row["first_step_ms"] > 0 for row in rows)
+    assert rows[0]["loss"] != rows[1]["loss"]
+    assert "trace+lower s" in capsys.readouterr().out

@@ -55,6 +55,11 @@ def test_cli_and_suite_build_the_library_config(model):
     (dict(model="vae", learn_origin=True), "--learn-origin applies to gon, vgon, implicit_gon, not vae"),
     (dict(model="gon", latent_updates=0), "--latent-updates must be at least 1"),
     (dict(model="gon", latent_step_size=float("nan")), "--latent-step-size must be a positive number"),
+    # Finite in float64, infinite where training computes: named, not blamed on --lr when the run diverges.
+    (dict(model="gon", latent_step_size=1e300), "--latent-step-size 1e+300 is infinite in float32"),
+    (dict(model="implicit_gon", fourier_sigma=1e39, position_encoding="fourier"), "--fourier-sigma 1e+39 is inf"),
+    (dict(model="vae", kl_weight=4e38), "--kl-weight 4e+38 is infinite in float32"),
+    (dict(lr=1e39), "--lr 1e+39 is infinite in float32, where training computes; use at most 3.4e+38"),
     (dict(model="vgon", loss="peer_bce"), "--loss applies to gon, implicit_gon, not vgon"),
     (dict(model="gon", loss="hinge"), "--loss must be one of spec, peer_bce"),
     (dict(model="implicit_gon", loss="peer_bce", loss_reduction="sum"), "does not combine"),

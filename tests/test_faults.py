@@ -279,6 +279,32 @@ def test_a_damaged_prepared_dataset_is_named(shared_data, tfds_dir, tmp_path):
         input_pipeline.load_dataset("coil20", 32, data_dir=copy)
 
 
+def _with_file_size_limit(kilobytes: int, argv: list[str]) -> list[str]:
+    """`argv` run by a shell that limits its files to `kilobytes`: a write past it fails (EFBIG) as on a full disk;
+    SIGXFSZ is ignored, so the write fails rather than the process being killed. (A shell rather than a
+    preexec_fn: forking this multithreaded process to run Python in the child can deadlock.)"""
+    return ["bash", "-c", f'trap "" XFSZ; ulimit -f {kilobytes}; exec "$@"', "bash", *argv]
+
+
+def test_a_data_dir_that_fills_during_preparation_is_one_line_and_leftovers_are_cleared(shared_data, tmp_path):
+    data = tmp_path / "tfds"
+    args = ["--dataset", "coil20", "--manual-dir", shared_data, "--data-dir", data, "--ngf", 4, "--nz", 8,
+            "--max-steps", 1, "--workdir", tmp_path / "run"]
+    full = subprocess.run(_with_file_size_limit(2000, [sys.executable, "-m", "experiments.gon", *map(str, args)]),
+                          cwd=REPO, env=ENV, text=True, capture_output=True, timeout=300)
+    _one_line(full, f"could not write coil20 into {data}", "MiB free there", "File too large",
+              "free some space or pass another --data-dir")
+    assert not list((data / "gon_coil20").glob("incomplete*"))
+
+    # A preparation killed mid-write leaves TFDS's temporary folder; the next one removes it and prepares.
+    leftover = data / "gon_coil20" / "incomplete.K1LL3D_1.0.0"
+    leftover.mkdir(parents=True)
+    (leftover / "gon_coil20-train.array_record-00000-of-00001").write_bytes(b"\0" * 1000)
+    builder = input_pipeline.prepare_builder("coil20", data, shared_data)
+    assert len(builder.as_data_source(split="test")) == 288
+    assert sorted(p.name for p in (data / "gon_coil20").iterdir()) == ["1.0.0"]
+
+
 def test_a_bad_coil20_png_is_named(shared_data, tmp_path):
     source = shared_data / "coil20" / "coil-20-proc"
     if not source.is_dir():
@@ -414,3 +440,25 @@ def test_a_too_long_workdir_and_a_rate_float32_cannot_hold_are_one_line(shared_d
         assert "File name too long" in result.stderr
     tiny = run_main("gon", "--dataset", "coil20", "--lr", "1e-320", "--workdir", tmp_path / "tiny")
     assert tiny.returncode == 1 and "is 0 in float32" in tiny.stderr and not (tmp_path / "tiny").exists()
+
+
+@pytest.mark.parametrize("platforms, fragment", [
+    ("cuda", "JAX_PLATFORMS='cuda': no NVIDIA GPU is visible on this machine; unset JAX_PLATFORMS"),
+    ("cdua", "JAX_PLATFORMS='cdua': Unable to initialize backend 'cdua'"),
+])
+def test_a_backend_jax_cannot_start_is_one_line_and_claims_nothing(shared_data, tmp_path, platforms, fragment):
+    """JAX_PLATFORMS naming cuda where no NVIDIA GPU is visible (JAX itself fails a bare assert; the GPU is hidden
+    from JAX here so that the case is the same on every machine), or a platform JAX does not have."""
+    code = ("import sys; import jax._src.hardware_utils as h; h.has_visible_nvidia_gpu = lambda: False; "
+            "from experiments import gon; sys.exit(gon.main(sys.argv[1:]))")
+    for argv in (["-c", code, "--dataset", "coil20", "--manual-dir", str(shared_data), "--workdir",
+                  str(tmp_path / "run")],
+                 ["-m", "experiments.sample", "--workdir", str(tmp_path / "missing"),
+                  "--out", str(tmp_path / "s.png")]):
+        result = subprocess.run([sys.executable, *argv], cwd=REPO, env={**ENV, "JAX_PLATFORMS": platforms},
+                                capture_output=True, text=True, timeout=300)
+        if argv[0] == "-c":
+            _one_line(result, fragment)
+        else:  # a mistake found before any device is touched is still named as itself
+            _one_line(result, "is not a gonjax run folder")
+    assert not (tmp_path / "run").exists()

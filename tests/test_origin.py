@@ -197,9 +197,11 @@ def test_origin_shortcut_matches_the_batched_inner_pass(model_name, overrides):
             np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-13 * max(1.0, float(np.abs(a).max())))
 
 
-def test_several_latent_updates_with_a_step_size_match_finite_differences():
-    """z_{k+1} = z_k - eta grad L(z_k), N = 3, eta = 0.5, each gradient from float64 finite differences of the
-    NumPy reference; inner losses at every z_k; the second update's keys differ from the first's."""
+@pytest.mark.parametrize("updates", [3, 2 + 2 * origin.UNROLLED_UPDATES])
+def test_several_latent_updates_with_a_step_size_match_finite_differences(updates):
+    """z_{k+1} = z_k - eta grad L(z_k), eta = 0.5, each gradient from float64 finite differences of the NumPy
+    reference; inner losses at every z_k; the second update's keys differ from the first's. N = 3 runs its later
+    updates unrolled; N = 10 also loops (two iterations of UNROLLED_UPDATES, and one left over)."""
     with jax.enable_x64(True):
         _, params, batch_stats, images = _setup(6)
         numpy_params = jax.tree_util.tree_map(np.asarray, params)
@@ -208,22 +210,50 @@ def test_several_latent_updates_with_a_step_size_match_finite_differences():
             return reference.gon_inner_loss(numpy_params, z, np.asarray(images))
 
         _, result = jax.jit(lambda p, s, x: origin.origin_step(
-            _fit(_decoder()), p, s, x, jax.random.PRNGKey(0), jnp.zeros((B, NZ)), updates=3, step_size=0.5))(
+            _fit(_decoder()), p, s, x, jax.random.PRNGKey(0), jnp.zeros((B, NZ)), updates=updates, step_size=0.5))(
             params, batch_stats, images)
         z, expected_losses = np.zeros((B, NZ)), []
-        for _ in range(3):
+        for _ in range(updates):
             expected_losses.append(inner(z))
             z = z - 0.5 * reference.finite_difference_grad(inner, z, h=1e-6)
         np.testing.assert_allclose(np.asarray(result.latent), z, rtol=1e-6, atol=1e-11)
-        # at z0 exact; at z1, z2 the reference latents carry the finite differences' ~1e-9 relative error
+        # at z0 exact; at later z_k the reference latents carry the finite differences' ~1e-9 relative error
         np.testing.assert_allclose(np.asarray(result.inner_losses), expected_losses, rtol=1e-9)
         np.testing.assert_allclose(float(result.inner_loss), expected_losses[0], rtol=1e-12)
-        assert expected_losses[2] < expected_losses[0]  # the updates descend: the loop is not a no-op
+        assert expected_losses[-1] < expected_losses[1] < expected_losses[0]  # the updates descend throughout
     assert not np.array_equal(jax.random.key_data(origin.update_key(jax.random.PRNGKey(0), 0)),
                               jax.random.key_data(origin.update_key(jax.random.PRNGKey(0), 1)))
 
 
+def _equations(jaxpr) -> int:
+    """The equations of a jaxpr, those of the jaxprs nested in them (loop bodies, custom rules) included."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += 1
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(item, "jaxpr", item)
+                if hasattr(inner, "eqns"):
+                    count += _equations(inner)
+    return count
+
+
+def test_the_program_does_not_grow_with_the_number_of_latent_updates():
+    """More updates are more iterations of one loop, not more of the traced program (so --latent-updates 100
+    compiles about as fast as 10; the loop's few unrolled updates are XLA's, at lowering)."""
+    def size(updates):
+        model = build_model(Config(ngf=NGF, nz=NZ, latent_updates=updates), nc=1)
+        images = jnp.zeros((B, 32, 32, 1))  # traced for shapes only
+        variables = model.init(jax.random.PRNGKey(0), images)
+        loss = jax.grad(lambda p: model.apply(p, variables.get("batch_stats", {}), images, jax.random.PRNGKey(0))[0])
+        return _equations(jax.make_jaxpr(loss)(variables["params"]).jaxpr)
+
+    assert size(3) == size(10) == size(102)
+    assert size(2) > size(1) + 100  # the count sees into the loop's body (one update: no loop)
+
+
 @pytest.mark.parametrize("overrides", [{"latent_updates": 2, "learn_origin": True},
+                                       {"latent_updates": 2 + origin.UNROLLED_UPDATES, "learn_origin": True},
                                        {"latent_updates": 2, "detach": True}])
 def test_outer_gradients_through_several_updates_match_finite_differences(overrides):
     """Second order through every update (and into a learned origin): the trained loss's gradient against

@@ -276,6 +276,23 @@ def test_report_elsewhere_archives_runs_and_never_drops_a_measurement(fixture_re
     assert "†" not in (out / "TABLES.md").read_text()
 
 
+@pytest.mark.parametrize("damage", ["truncated", "not a report"])
+def test_an_unreadable_earlier_report_is_refused_not_written_over(fixture_results, tmp_path_factory, damage):
+    """The committed results.json may hold the only copy of some cells: a truncated or foreign one stops the
+    report with one line naming it, and nothing in the report folder is rewritten."""
+    out = tmp_path_factory.mktemp("committed")
+    cells = suite.plan(["table1"], ["coil20"], ["gon"])
+    suite.write_report(cells, fixture_results, out)
+    text = (out / "results.json").read_text()
+    broken = text[:len(text) // 2] if damage == "truncated" else '{"cells": [{"table": "table1", "row": "gon", ' \
+        '"dataset": "coil20", "epoch": 5}]}'
+    (out / "results.json").write_text(broken)
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    with pytest.raises(UsageError, match="results.json is not a readable report .*; restore it"):
+        suite.write_report(cells, fixture_results, out)
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+
 def test_status_updates_merge_what_other_suites_wrote(tmp_path):
     """Two queues of the suite on one results folder: each update changes only its own entries."""
     suite.update_status(tmp_path, datasets={"cifar10": "no official cifar10 files"})

@@ -118,7 +118,7 @@ def test_a_device_count_this_machine_lacks_is_a_clear_error():
 
 
 def test_seeds_in_one_program_equal_single_seed_runs_and_are_brought_level_on_resume(shared_data, tfds_dir,
-                                                                                        tmp_path):
+                                                                                        tmp_path, capsys):
     """train_seeds (the CLI's --seeds) against seeds 1 and 2 trained alone, float32; then seed 0 trained alone a
     little further, and the stacked run resumed: seed 1 catches up to seed 0 first, then both go on."""
     config = Config(dataset="coil20", ngf=4, nz=8, epochs=1, max_steps=8, eval_batches=2, data_dir=str(tfds_dir),
@@ -133,8 +133,12 @@ def test_seeds_in_one_program_equal_single_seed_runs_and_are_brought_level_on_re
 
     longer = dataclasses.replace(config, max_steps=14)
     train.train_and_evaluate(longer, tmp_path / "together" / "seed0")  # seed 0 alone to step 14
+    capsys.readouterr()
     level = train.train_seeds(longer, [0, 1], tmp_path / "together")
     assert [r["step"] for r in level[1]] == [0, 8, 14] == [r["step"] for r in level[0]]
+    said = capsys.readouterr().out
+    assert "seed0: this run already finished at step 14" in said  # it was, when opened
+    assert "seed1: this run already finished" not in said  # it was brought level now
     alone = train.train_and_evaluate(dataclasses.replace(longer, seed=1), tmp_path / "alone1")
     _assert_same_metrics(level[1], alone)
 

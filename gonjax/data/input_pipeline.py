@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import fcntl
 import os
+import shutil
 import socket
 import urllib.parse
 from pathlib import Path
@@ -80,7 +81,16 @@ def _prepared_builder(name: str, data_dir, manual_dir) -> tfds.core.DatasetBuild
         builder = BUILDERS[name](data_dir=data_dir, file_format="array_record")
         if builder.is_prepared():
             return builder
+        _remove_unfinished_preparations(builder)
         return _download_and_prepare(name, builder, manual)
+
+
+def _remove_unfinished_preparations(builder: tfds.core.DatasetBuilder) -> None:
+    """Delete what a killed preparation left: TFDS writes into `<builder>/incomplete.XXXXXX_<version>/` and
+    renames it into place when done, so under the preparation lock such a folder belongs to no live process."""
+    version = Path(builder.data_dir)
+    for leftover in version.parent.glob(f"incomplete.??????_{version.name}"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -116,6 +126,11 @@ def _download_and_prepare(name: str, builder: tfds.core.DatasetBuilder, manual: 
                         f"DIR/{name}") from None
     except ValueError as error:
         raise DataError(f"could not read the {name} files: {error}") from None
+    except RuntimeError as error:  # TFDS's writer reports a failed write (a full disk, a size limit) this way
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        free = shutil.disk_usage(Path(builder.data_dir).parent).free
+        raise DataError(f"could not write {name} into {Path(builder.data_dir).parent.parent} ({free / 2**20:.0f} "
+                        f"MiB free there): {first}; free some space or pass another --data-dir") from None
     return builder
 
 
