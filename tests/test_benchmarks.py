@@ -149,3 +149,56 @@ def test_compile_time_reports_every_phase_and_one_loss_per_program(tmp_path, cap
     assert all(row["trace_lower_s"] > 0 and row["compile_s"] > 0 and row["first_step_ms"] > 0 for row in rows)
     assert rows[0]["loss"] != rows[1]["loss"]
     assert "trace+lower s" in capsys.readouterr().out
+
+
+def _contractions(jaxpr) -> int:
+    """dot_general and conv_general_dilated equations of a jaxpr, those nested in calls included."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name in ("dot_general", "conv_general_dilated")
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(item, "jaxpr", item)
+                count += _contractions(inner) if hasattr(inner, "eqns") else 0
+    return count
+
+
+def test_tf32_emulation_rounds_the_operands_of_every_contraction_and_nothing_else(monkeypatch):
+    """A product of TF32 operands (10-bit mantissas, by hand: float32 with the low 13 bits cleared) is computed
+    as it is; other operands are rounded first; in a GON's training step every contraction of the forward,
+    backward and double-backward passes is rewritten, and the curves come out against float64."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks import tf32_emulation as tf32
+    from gonjax import steps, zoo
+    from gonjax.config import Config
+
+    a = np.random.default_rng(0).normal(size=(16, 32)).astype(np.float32)
+    b = np.random.default_rng(1).normal(size=(32, 8)).astype(np.float32)
+    clear = np.uint32(0xFFFFE000)  # keep sign, exponent and the top 10 mantissa bits (truncation, not rounding)
+    a10, b10 = ((x.view(np.uint32) & clear).view(np.float32) for x in (a, b))
+    plain = jax.jit(lambda x, y: jnp.sin(x @ y))
+    emulated = jax.jit(tf32.emulate_tf32(lambda x, y: jnp.sin(x @ y)))
+    np.testing.assert_array_equal(np.asarray(emulated(a10, b10)), np.asarray(plain(a10, b10)))
+    rounded = np.asarray(emulated(a, b))
+    assert 1e-5 < np.abs(rounded - np.asarray(plain(a, b))).max() < 1e-2  # ~2^-11 relative per operand
+    assert np.abs(rounded - np.asarray(plain(a10, b10))).max() < 1e-2
+
+    config = Config(model="gon", dataset="fashion_mnist", ngf=4, nz=8, kernels="autodiff")
+    model = zoo.build_model(config, 1, backend="cpu")
+    optimizer = steps.make_optimizer(config)
+    images = jax.random.uniform(jax.random.PRNGKey(3), (8, 32, 32, 1))
+    state = steps.create_train_state(model, optimizer, jax.random.PRNGKey(0), images)
+    train_step = steps.make_train_step(model, optimizer)
+    seen = [0]
+    _, metrics = jax.jit(tf32.emulate_tf32(train_step, seen))(state, images, jax.random.PRNGKey(1))
+    _, float32 = jax.jit(train_step)(state, images, jax.random.PRNGKey(1))
+    assert seen[0] == _contractions(jax.make_jaxpr(train_step)(state, images, jax.random.PRNGKey(1)).jaxpr) > 30
+    assert 0 < abs(float(metrics["loss"]) - float(float32["loss"])) < 1e-3 * float(float32["loss"])
+
+    monkeypatch.setitem(tf32.MODELS, "gon", {"model": "gon", "dataset": "fashion_mnist", "ngf": 4, "nz": 8})
+    row = tf32.measure("gon", "autodiff", np.random.default_rng(2).uniform(size=(64, 32, 32, 1)), 0, 3, batch=8)
+    assert row["steps"] == 3 and len(row["float64_first_last"]) == 2
+    assert 0 < row["float32"]["max"] < row["tf32"]["max"] < 1e-2  # TF32 strays further, both stay close

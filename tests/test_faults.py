@@ -176,6 +176,10 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_an_in
     saved = json.loads((run / "config.json").read_text())  # a hand-edited config.json: the field is named
     (run / "config.json").write_text(json.dumps({**saved, "nz": "8"}))
     _one_line(run_main("sample", "--workdir", run, "--kind", "reconstructions"), "nz is '8'", "int | None")
+    for field, value, fragment in (("activation", "foo", "--activation must be one of"),
+                                   ("batch_size", 0, "--batch-size must be at least 1, got 0; repair it")):  # values out of range
+        (run / "config.json").write_text(json.dumps({**saved, field: value}))
+        _one_line(run_main("sample", "--workdir", run), fragment)
 
     (run / "config.json").unlink()  # deleted files of a run are named, not called "not a gonjax run"
     _one_line(run_main("sample", "--workdir", run), "holds a run's files but no config.json (deleted?)")
@@ -451,10 +455,9 @@ def test_a_backend_jax_cannot_start_is_one_line_and_claims_nothing(shared_data, 
     from JAX here so that the case is the same on every machine), or a platform JAX does not have."""
     code = ("import sys; import jax._src.hardware_utils as h; h.has_visible_nvidia_gpu = lambda: False; "
             "from experiments import gon; sys.exit(gon.main(sys.argv[1:]))")
+    sample = ["-m", "experiments.sample", "--workdir", str(tmp_path / "missing"), "--out", str(tmp_path / "s.png")]
     for argv in (["-c", code, "--dataset", "coil20", "--manual-dir", str(shared_data), "--workdir",
-                  str(tmp_path / "run")],
-                 ["-m", "experiments.sample", "--workdir", str(tmp_path / "missing"),
-                  "--out", str(tmp_path / "s.png")]):
+                  str(tmp_path / "run")], *([sample] if platforms == "cuda" else [])):
         result = subprocess.run([sys.executable, *argv], cwd=REPO, env={**ENV, "JAX_PLATFORMS": platforms},
                                 capture_output=True, text=True, timeout=300)
         if argv[0] == "-c":
