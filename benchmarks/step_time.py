@@ -45,7 +45,7 @@ from benchmarks import peer_reference as pr
 from benchmarks import torch_reference as tr
 from gonjax import steps, xla, zoo
 from gonjax.config import Config
-from gonjax.config import DECONV_IMPLS
+from gonjax.config import DECONV_IMPLS, KERNEL_CHOICES, MATMUL_PRECISIONS, backend_kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +185,7 @@ def _torch_sync(device: torch.device) -> None:
 def run_benchmark(name: str, args: argparse.Namespace) -> dict:
     bench = BENCHMARKS[name]
     args = argparse.Namespace(**{**vars(args), "shape": args.shape or bench.default_shape})
-    config = bench.config(args)
+    config = dataclasses.replace(bench.config(args), kernels=args.kernels, matmul_precision=args.matmul_precision)
     h, w, c = args.shape
     if name not in IMPLICIT_ROWS and (h, w) != (32, 32):
         raise SystemExit(f"the conv models read 32x32xC images, not {h}x{w}x{c}")
@@ -293,6 +293,7 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
         "torch_device": str(torch_device),
         "batch_size": args.batch_size, "ngf": config.ngf, "nz": config.nz, "dataset_shape": list(args.shape),
         "deconv_impl": config.deconv_impl if name not in IMPLICIT_ROWS else None,
+        "kernels": backend_kernels(config.kernels, jax_device.platform), "matmul_precision": config.matmul_precision,
         "origin_shortcut": config.origin_shortcut if config.model in ("gon", "implicit_gon") else None,
         "xla_compiler_options": options,
         "jax_ms": jax_ms["median"], "torch_ms": torch_ms["median"],
@@ -386,6 +387,10 @@ def main(argv=None) -> int:
                         help="how gonjax computes the transposed convolutions (the same function either way)")
     parser.add_argument("--no-origin-shortcut", dest="origin_shortcut", action="store_false",
                         help="GON / Implicit GON: decode the whole batch in the inner pass (Config.origin_shortcut)")
+    parser.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
+                        help="Config.kernels: auto (XLA:CPU-tuned on a CPU, JAX's own elsewhere), xla_cpu, autodiff")
+    parser.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS, default="highest",
+                        help="Config.matmul_precision of every contraction on a GPU or TPU (a CPU computes float32)")
     parser.add_argument("--xla-options", choices=("gonjax", "default"), default="gonjax",
                         help="gonjax's XLA compiler options for this backend (gonjax.xla) or XLA's defaults")
     parser.add_argument("--steps", type=int, default=30, help="timed training steps per framework")

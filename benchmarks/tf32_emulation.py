@@ -129,8 +129,11 @@ def _curve(config: Config, batches: np.ndarray, seed: int, dtype, tf32: bool = F
 
 
 def _distances(curve: list[float], reference: list[float]) -> dict:
+    """Relative distances of a loss curve from the float64 one: at the first step (the forward pass at the same
+    weights), the largest over the first 10 steps (before trajectories part), the median, largest and last."""
     relative = [abs(a - b) / abs(b) for a, b in zip(curve, reference)]
-    return {"max": float(max(relative)), "last": float(relative[-1]), "median": float(statistics.median(relative))}
+    return {"first": float(relative[0]), "max_first_10": float(max(relative[:10])),
+            "max": float(max(relative)), "last": float(relative[-1]), "median": float(statistics.median(relative))}
 
 
 def measure(name: str, kernels: str, images: np.ndarray, seed: int, steps_count: int, batch: int = 64) -> dict:

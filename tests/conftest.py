@@ -1,7 +1,9 @@
 """Test setup: JAX on the CPU backend, shared data folders."""
 import os
 
-os.environ["JAX_PLATFORMS"] = "cpu"  # before jax is imported anywhere
+# Before jax is imported anywhere. GONJAX_TEST_PLATFORMS=cuda runs tests on a GPU instead (benchmarks.gpu_check runs
+# the float64 parity tests there); the suite as a whole is written for the CPU's devices.
+os.environ["JAX_PLATFORMS"] = os.environ.get("GONJAX_TEST_PLATFORMS", "cpu")
 
 # One core per pytest-xdist worker: JAX's CPU client and PyTorch size their thread pools by the cores a process
 # may use, so two workers on two cores would otherwise run four busy thread pools that preempt each other.

@@ -44,6 +44,7 @@ def test_step_time_writes_table_and_json(tmp_path, capsys):
         assert (row["latent_updates"], row["modulation"]) == {"gon_n3": (3, False), "implicit_mod": (1, True)}.get(
             row["model"], (1, False))
         assert "floor_ms" not in row
+        assert (row["kernels"], row["matmul_precision"]) == ("xla_cpu", "highest")  # --kernels auto, on a CPU
         assert row["xla_compiler_options"] is None or "xla_cpu_experimental_ynn_fusion_type" in row["xla_compiler_options"]
     env = report["environment"]
     assert {"jax", "torch", "flax"} <= set(env["versions"]) and env["threads"]["torch"] >= 1
@@ -202,3 +203,37 @@ def test_tf32_emulation_rounds_the_operands_of_every_contraction_and_nothing_els
     row = tf32.measure("gon", "autodiff", np.random.default_rng(2).uniform(size=(64, 32, 32, 1)), 0, 3, batch=8)
     assert row["steps"] == 3 and len(row["float64_first_last"]) == 2
     assert 0 < row["float32"]["max"] < row["tf32"]["max"] < 1e-2  # TF32 strays further, both stay close
+
+
+def test_gpu_check_refuses_bad_requests_and_tables_what_its_parts_found(tmp_path, capsys):
+    """The prepared GPU check (its parts run there; `--quick` runs them on any machine): flags checked before
+    anything starts, and the report's tables and failure detection, on a hand-written report."""
+    from benchmarks import gpu_check
+
+    for argv, fragment in ((["--parts", "parity,fast", "--out", str(tmp_path / "new")], "--parts: choose from"),
+                           (["--out", str(tmp_path)], "exists; choose a new folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            gpu_check.main(argv)
+        assert exit_info.value.code == 2 and fragment in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+    row = {"model": "gon", "kernels": "autodiff", "matmul_precision": "highest", "jax_ms": 2.5, "torch_ms": 5.0,
+           "speedup": 2.0, "jax_eval_images_per_s": 90000.0, "torch_eval_images_per_s": 45000.0}
+    report = {"device": {"platform": "gpu", "kind": "NVIDIA H100", "count": 1, "jax": "0.10.2"}, "quick": False,
+              "parity": {"exit_status": 0, "selection": "tests/test_parity.py -k float64", "summary": "20 passed"},
+              "step_time": {"auto_highest": {"exit_status": 0, "rows": [row]}},
+              "epoch_time": {"gon": {"exit_status": 0, "result": {"epoch_s": {"gonjax": 3.0, "torch": 6.0},
+                                                                   "epoch_ratio": 2.0, "estimated": False}},
+                             "implicit_gon": {"exit_status": 1}},
+              "fashion": {"device": {"step": 937, "test_sse": 1.01, "seconds": 20.0, "exit_status": 0},
+                          "cpu": {"step": 937, "test_sse": 1.0, "seconds": 60.0, "exit_status": 0},
+                          "relative_difference": 0.01}}
+    text = gpu_check.markdown(report)
+    assert "on NVIDIA H100 (gpu, 1 device(s))" in text and "`pytest tests/test_parity.py -k float64`: 20 passed" in text
+    assert "| gon | autodiff | highest | 2.50 | 5.00 | 2.00 | 90000 / 45000 |" in text
+    assert "| gon | 3.00 | 6.00 | 2.00 | no |" in text and "| implicit_gon | failed (exit status 1) |" in text
+    assert "| device | 937 | 1.01 | 20.0 |" in text and "Relative difference of the test SSE: 1.00e-02." in text
+    assert [gpu_check._failed(report[part]) for part in ("parity", "step_time", "epoch_time", "fashion")] == \
+        [False, False, True, False]
+    report["step_time"]["auto_highest"]["exit_status"] = 1
+    assert gpu_check._failed(report["step_time"])
