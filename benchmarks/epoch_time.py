@@ -3,9 +3,11 @@
     python -m benchmarks.epoch_time --model gon --dataset mnist --manual-dir ../shared/data [--json FILE]
     python -m benchmarks.epoch_time --model implicit_gon --dataset mnist --manual-dir ../shared/data \\
         --steps 40 --eval-batches 10          # an estimate from a fixed number of steps, said so
+    python -m benchmarks.epoch_time --model gon --gonjax-only ...      # the trainer alone (two versions of it)
 
-gonjax: `gonjax.train.train_and_evaluate`, the code a user runs (data pipeline with prefetch, jitted steps, both
-evaluation passes, metrics.jsonl, pictures and checkpoints), for `--epochs` epochs (default 2) in a temporary run
+gonjax: `gonjax.train.train_and_evaluate`, the code a user runs (the splits on the device, jitted calls of
+`--steps-per-call` steps, both evaluation passes, metrics.jsonl, pictures and checkpoints), for `--epochs` epochs
+(default 2) in a temporary run
 folder; the figures are its last epoch's, as its metrics.jsonl records them (the first epoch also pays for
 compilation, reported apart). PyTorch: a `DataLoader` over the same preprocessed arrays (batch 64, shuffled, last
 partial batch dropped), the reference models and steps of `benchmarks.torch_reference` with the loss read back
@@ -16,7 +18,9 @@ starts both from gonjax's and checks that they compute the same epoch.)
 
 Parts: "train" is an epoch's training steps, "eval" both evaluation passes, "data" reading and preprocessing
 the splits (TFDS for gonjax, done once per run; the DataLoader's batching is inside PyTorch's train and eval
-parts, as it is inside gonjax's prefetch; it reads gonjax's arrays). `--steps N` / `--eval-batches B` time N training steps (median of the
+parts, as gonjax's gather on the device is inside its own; it reads gonjax's arrays). The trainer's 50-step
+windows after the first give its steadiness: the median and 90th percentile of their milliseconds per step and
+the share of windows slower than 1.3 times the median (the machine's slow mode, benchmarks/README.md "Noise"). `--steps N` / `--eval-batches B` time N training steps (median of the
 trainer's 50-step windows after the first; PyTorch's median step) and B batches of each pass, and scale them to
 a whole epoch; "first epoch's train" is then those N steps.
 """
@@ -58,6 +62,7 @@ class Side:
     train_metric: float
     test_metric: float
     estimated: bool
+    window_ms: list[float] = dataclasses.field(default_factory=list)  # gonjax: ms per step of each window after the first
 
     def as_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -165,12 +170,15 @@ def measure_gonjax(config: Config, workdir: Path, data, steps: int | None, eval_
     run = dataclasses.replace(config, epochs=1 if steps is not None else config.epochs, max_steps=steps,
                               eval_batches=eval_batches)
     records = train.train_and_evaluate(run, workdir)
-    steps_per_epoch, eval_total = epoch_batches(data, config.batch_size)
     last, before = records[-1], records[-2]
     first = records[1]["seconds"]
-    if steps is not None:  # the trainer's 50-step windows after the first (which holds the compilation)
-        windows = [json.loads(line) for line in (workdir / "train_metrics.jsonl").read_text().splitlines()]
-        steady = [w["seconds"] / w["steps"] for w in windows[1:]] or [w["seconds"] / w["steps"] for w in windows]
+    steps_per_epoch, eval_total = epoch_batches(data, config.batch_size)
+    # The trainer's 50-step windows after the first (which holds the compilation); of the last epoch when there
+    # are several.
+    windows = [json.loads(line) for line in (workdir / "train_metrics.jsonl").read_text().splitlines()]
+    later = [w for w in windows if w["step"] > steps_per_epoch * (run.epochs - 1)] if steps is None else []
+    steady = [w["seconds"] / w["steps"] for w in (later or windows[1:] or windows)]
+    if steps is not None:
         train_s, train_seen = statistics.median(steady) * steps_per_epoch, int(last["step"]) * config.batch_size
     else:
         train_s, train_seen = last["seconds"] - before["seconds"], steps_per_epoch * config.batch_size
@@ -179,31 +187,45 @@ def measure_gonjax(config: Config, workdir: Path, data, steps: int | None, eval_
     eval_s = last["eval_seconds"] * eval_total / batches
     metric = table_metric(config)
     return Side(train_s, eval_s, first, train_seen, batches * config.batch_size, last[f"train_{metric}"],
-                last[f"test_{metric}"], steps is not None or eval_batches is not None)
+                last[f"test_{metric}"], steps is not None or eval_batches is not None,
+                [round(1000 * s, 3) for s in steady])
 
 
-def run(name: str, config: Config, steps: int | None, eval_batches: int | None, repeats: int = 1) -> dict:
-    """Both sides `repeats` times, alternating; medians and each repeat's figures."""
+def steadiness(window_ms: list[float]) -> dict:
+    """Median and 90th percentile of the windows' ms per step, and the share of windows over 1.3x the median."""
+    median = statistics.median(window_ms)
+    return {"median_ms": median, "p90_ms": float(np.percentile(window_ms, 90)), "windows": len(window_ms),
+            "slow_share": sum(ms > 1.3 * median for ms in window_ms) / len(window_ms)}
+
+
+def run(name: str, config: Config, steps: int | None, eval_batches: int | None, repeats: int = 1,
+        with_torch: bool = True) -> dict:
+    """Both sides (gonjax's alone without `with_torch`) `repeats` times, alternating; medians and each repeat's
+    figures (PyTorch's None when not run)."""
     data, data_s = load_timed(config)
     ours, theirs = [], []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(prefix="gonjax-epoch-") as folder:
             ours.append(measure_gonjax(config, Path(folder) / "run", data, steps, eval_batches))
-        theirs.append(measure_torch(name, config, data, steps, eval_batches))
+        if with_torch:
+            theirs.append(measure_torch(name, config, data, steps, eval_batches))
+    median = lambda sides, part: statistics.median(getattr(s, part) for s in sides) if sides else None
     parts = {}
     for part in ("train_s", "eval_s", "first_epoch_s"):
-        a = statistics.median(getattr(s, part) for s in ours)
-        b = statistics.median(getattr(s, part) for s in theirs)
-        parts[part] = {"gonjax": a, "torch": b, "ratio": b / a,
+        a, b = median(ours, part), median(theirs, part)
+        parts[part] = {"gonjax": a, "torch": b, "ratio": b / a if theirs else None,
                        "gonjax_runs": [getattr(s, part) for s in ours], "torch_runs": [getattr(s, part) for s in theirs]}
-    epoch = {side: parts["train_s"][side] + parts["eval_s"][side] for side in ("gonjax", "torch")}
+    epoch = {"gonjax": parts["train_s"]["gonjax"] + parts["eval_s"]["gonjax"],
+             "torch": parts["train_s"]["torch"] + parts["eval_s"]["torch"] if theirs else None}
     steps_per_epoch, eval_batches_per_epoch = epoch_batches(data, config.batch_size)
     eval_images = eval_batches_per_epoch * config.batch_size
+    windows = [ms for side in ours for ms in side.window_ms]
     return {"model": name, "dataset": config.dataset, "device": f"{jax.devices()[0].platform}",
+            "steps_per_call": getattr(config, "steps_per_call", None), "steadiness": steadiness(windows),
             "epochs_run": config.epochs if steps is None else 1, "steps": steps, "eval_batches": eval_batches,
             "estimated": ours[0].estimated, "train_images_per_epoch": steps_per_epoch * config.batch_size,
             "eval_images_per_epoch": eval_images, "parts": parts, "data_s": data_s,
-            "epoch_s": epoch, "epoch_ratio": epoch["torch"] / epoch["gonjax"],
+            "epoch_s": epoch, "epoch_ratio": epoch["torch"] / epoch["gonjax"] if theirs else None,
             "gonjax": [s.as_json() for s in ours], "torch": [s.as_json() for s in theirs]}
 
 
@@ -219,6 +241,10 @@ def main(argv=None) -> int:
     parser.add_argument("--nz", type=int, default=None)
     parser.add_argument("--manual-dir", default=None, help="folder of official dataset files, to prepare offline")
     parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's own)")
+    parser.add_argument("--steps-per-call", type=int, default=None,
+                        help="the trainer's --steps-per-call (default: its default)")
+    parser.add_argument("--gonjax-only", action="store_true",
+                        help="time gonjax's trainer alone (e.g. two versions of it, side by side)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here (never overwritten)")
     args = parser.parse_args(argv)
     if args.json is not None and args.json.exists():
@@ -228,10 +254,12 @@ def main(argv=None) -> int:
     if args.steps is not None and args.steps < 100:
         parser.error("--steps must be at least 100: the trainer times steps in windows of 50, the first compiles")
     torch.set_num_threads(step_time.usable_cpus())
-    sizes = {k: v for k, v in (("ngf", args.ngf), ("nz", args.nz)) if v is not None}
+    sizes = {k: v for k, v in (("ngf", args.ngf), ("nz", args.nz), ("steps_per_call", args.steps_per_call))
+             if v is not None}
     config = make_config(args.model, args.dataset, args.epochs, manual_dir=args.manual_dir, data_dir=args.data_dir,
                          **sizes)
-    result = run(args.model, config, args.steps, args.eval_batches, args.repeats)
+    result = run(args.model, config, args.steps, args.eval_batches, args.repeats, with_torch=not args.gonjax_only)
+    number = lambda value, width, digits=2: f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
     env = step_time.environment()
     how = f" (estimated from {args.steps} steps / {args.eval_batches} batches per pass)" if result["estimated"] else ""
     print(f"{args.model} on {args.dataset}: one epoch = {result['train_images_per_epoch']} training images + "
@@ -241,16 +269,20 @@ def main(argv=None) -> int:
     for part, label in (("train_s", "train (epoch)"), ("eval_s", "eval (both passes)"),
                         ("first_epoch_s", "first epoch's train")):
         p = result["parts"][part]
-        ips = (f"{images[part] / p['gonjax']:>14.0f}{images[part] / p['torch']:>13.0f}" if part in images
-               else f"{'':>14}{'':>13}")
-        print(f"{label:<22}{p['gonjax']:>10.2f}{p['torch']:>10.2f}{ips}{p['ratio']:>8.2f}")
+        ips = (f"{images[part] / p['gonjax']:>14.0f}"
+               f"{number(p['torch'] and images[part] / p['torch'], 13, 0)}" if part in images else f"{'':>14}{'':>13}")
+        print(f"{label:<22}{p['gonjax']:>10.2f}{number(p['torch'], 10)}{ips}{number(p['ratio'], 8)}")
     print(f"{'data (per run)':<22}{result['data_s']:>10.2f}{'(same arrays)':>14}")
     e = result["epoch_s"]
-    print(f"{'epoch (train + eval)':<22}{e['gonjax']:>10.2f}{e['torch']:>10.2f}{'':>27}{result['epoch_ratio']:>8.2f}")
-    if args.repeats > 1:
+    print(f"{'epoch (train + eval)':<22}{e['gonjax']:>10.2f}{number(e['torch'], 10)}{'':>27}"
+          f"{number(result['epoch_ratio'], 8)}")
+    if args.repeats > 1 and not args.gonjax_only:
         print("runs (train s, gonjax / torch): " + ", ".join(
             f"{a:.1f}/{b:.1f}" for a, b in zip(result["parts"]["train_s"]["gonjax_runs"],
                                                result["parts"]["train_s"]["torch_runs"])))
+    steady = result["steadiness"]
+    print(f"gonjax's training windows after the first: median {steady['median_ms']:.2f} ms a step, p90 "
+          f"{steady['p90_ms']:.2f}, {100 * steady['slow_share']:.0f}% of {steady['windows']} over 1.3x the median")
     print(step_time.environment_summary(env))
     if args.json is not None:
         args.json.write_text(json.dumps({"environment": env, "result": result}, indent=2) + "\n")

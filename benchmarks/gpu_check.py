@@ -10,7 +10,8 @@ Each part runs in its own process, on JAX's default device (the GPU where there 
 - **step_time**: `benchmarks.step_time --model all` (against PyTorch on the same device) for each kernel choice
   (`--kernels auto`, JAX's own primitives off the CPU, and `xla_cpu`) and each precision (`--matmul-precision
   highest`, gonjax's default, and `default`, JAX's: TF32 on Ampere and later).
-- **epoch_time**: `benchmarks.epoch_time` for the GON and the Implicit GON on MNIST (the trainer's whole epoch).
+- **epoch_time**: `benchmarks.epoch_time` for the GON and the Implicit GON on MNIST (the trainer's whole epoch),
+  the GON also at one step per call (`--steps-per-call 1` against the default of 50): what the loop on the device saves.
 - **fashion**: one epoch of `experiments.gon --dataset fashion_mnist` on the device and on the CPU
   (JAX_PLATFORMS=cpu), the same seed; the epoch-1 test SSE of both and their relative difference. Float32
   programs on different hardware do not agree to the bit, so this is a sanity check of scale, not of equality.
@@ -88,16 +89,23 @@ def step_times(out: Path, quick: bool) -> dict:
     return runs
 
 
+EPOCH_RUNS = (("gon", None), ("gon", 1), ("implicit_gon", None))  # (model, --steps-per-call; None: the default)
+
+
 def epoch_times(out: Path, manual_dir: str | None, data_dir: str | None, quick: bool) -> dict:
     runs = {}
-    for model in ("gon",) if quick else ("gon", "implicit_gon"):  # the Implicit GON's 100 steps take minutes
-        file = out / f"epoch_time_{model}.json"
+    for model, per_call in EPOCH_RUNS:
+        if quick and model == "implicit_gon":  # the Implicit GON's 100 steps take minutes
+            continue
+        name = model if per_call is None else f"{model}_calls{per_call}"
+        file = out / f"epoch_time_{name}.json"
         extra = ["--steps", "100", "--eval-batches", "1", "--ngf", "4", "--nz", "8"] if quick else (
             ["--steps", "200", "--eval-batches", "50"] if model == "implicit_gon" else [])
+        extra += ["--steps-per-call", str(per_call)] if per_call is not None else []
         status = _run([sys.executable, "-m", "benchmarks.epoch_time", "--model", model, "--dataset", "mnist",
                        *_data_flags(manual_dir, data_dir), *extra, "--json", str(file)],
-                      out / f"epoch_time_{model}.log")
-        runs[model] = {"exit_status": status, **(json.loads(file.read_text()) if file.is_file() else {})}
+                      out / f"epoch_time_{name}.log")
+        runs[name] = {"exit_status": status, **(json.loads(file.read_text()) if file.is_file() else {})}
     return runs
 
 
@@ -145,15 +153,23 @@ def markdown(report: dict) -> str:
         lines.append("")
     if "epoch_time" in report:
         lines += ["## One epoch on MNIST (benchmarks.epoch_time)", ""]
-        lines += ["| model | gonjax epoch s | PyTorch epoch s | ratio | estimated |", "|---|---|---|---|---|"]
-        for model, run in report["epoch_time"].items():
+        lines += ["| run | steps per call | gonjax epoch s | PyTorch epoch s | ratio | estimated | "
+                  "training ms a step: median / p90 |", "|---|---|---|---|---|---|---|"]
+        for name, run in report["epoch_time"].items():
             result = run.get("result")
             if result is None:
-                lines.append(f"| {model} | failed (exit status {run['exit_status']}) | | | |")
+                lines.append(f"| {name} | | failed (exit status {run['exit_status']}) | | | | |")
                 continue
-            epoch = result["epoch_s"]
-            lines.append(f"| {model} | {epoch['gonjax']:.2f} | {epoch['torch']:.2f} | {result['epoch_ratio']:.2f} | "
-                         f"{'yes' if result['estimated'] else 'no'} |")
+            epoch, steady = result["epoch_s"], result["steadiness"]
+            lines.append(f"| {name} | {result['steps_per_call'] or 'default'} | {epoch['gonjax']:.2f} | "
+                         f"{epoch['torch']:.2f} | {result['epoch_ratio']:.2f} | "
+                         f"{'yes' if result['estimated'] else 'no'} | {steady['median_ms']:.2f} / "
+                         f"{steady['p90_ms']:.2f} |")
+        scanned, single = (report["epoch_time"].get(name, {}).get("result") for name in ("gon", "gon_calls1"))
+        if scanned and single:  # the same run in other calls: bit for bit on this CPU (tests/test_train.py)
+            a, b = scanned["gonjax"][-1]["test_metric"], single["gonjax"][-1]["test_metric"]
+            lines += ["", f"The GON's last test SSE, default steps per call against one: {a!r} / {b!r} "
+                          f"(relative difference {abs(a - b) / abs(b):.2e}; 0 is bit for bit)."]
         lines.append("")
     if "fashion" in report:
         f = report["fashion"]

@@ -91,7 +91,8 @@ def _has_type(value, annotation: str) -> bool:
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "data_dir", "manual_dir", "keep_checkpoints", "devices",
                                "eval_every", "checkpoint_every",  # when the run looks at itself, not what it trains
                                "deconv_impl", "kernels", "origin_shortcut",  # the same function computed another way
-                               "matmul_precision"})  # ... at another rounding of its contractions (not on CPU)
+                               "matmul_precision",  # ... at another rounding of its contractions (not on CPU)
+                               "steps_per_call"})  # ... in other dispatches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +160,12 @@ class Config:
                                                  "up to N epochs", default_doc="as --eval-every")
     devices: int | None = setting(None, "split each batch over this many devices (docs/scaling.md)",
                                   default_doc="1 (--seeds: as many as divide the seeds; several processes: all)")
+    steps_per_call: int | None = setting(None, "training steps (and evaluation batches) per dispatch, at most an "
+                                               "epoch's: one loop on the device over batches gathered there "
+                                               "(gonjax.loops); the same numbers whatever N; a stop waits for the "
+                                               "call in flight",
+                                         default_doc="50 on a GPU or TPU; on a CPU 50 for the Implicit GON, 1 for "
+                                                     "the conv models (benchmarks/README.md, \"Steps per call\")")
     # Variants of the origin step (docs/spec.md "Variants"). Defaults are the spec's.
     latent_updates: int = setting(1, "N updates z <- z - step * grad L_in(z), each differentiable (second order "
                                      "through all N)", models=ORIGIN_MODELS)
@@ -228,7 +235,7 @@ class Config:
                     "keep_checkpoints": self.keep_checkpoints, "eval_every": self.eval_every,
                     "latent_updates": self.latent_updates, "fourier_features": self.fourier_features,
                     "nerf_frequencies": self.nerf_frequencies}
-        for name in ("max_steps", "eval_batches", "devices", "checkpoint_every"):
+        for name in ("max_steps", "eval_batches", "devices", "checkpoint_every", "steps_per_call"):
             if getattr(self, name) is not None:
                 positive[name] = getattr(self, name)
         for name, value in positive.items():
@@ -321,6 +328,17 @@ def backend_precision(precision: str, backend: str) -> str | None:
     float32 contractions in float32 whatever the attribute: nothing is pinned there, so CPU programs stay the ones
     measured."""
     return None if backend == "cpu" else precision
+
+
+def backend_steps_per_call(steps_per_call: int | None, backend: str, model: str) -> int:
+    """Training steps per dispatch for `model` on `backend` when --steps-per-call is unset (a given count is kept).
+    Off the CPU, 50: a GPU step takes milliseconds, which Python's dispatch and bookkeeping per step would eat
+    into. On XLA:CPU a loop of steps is not always faster (benchmarks/README.md, "Steps per call"): the Implicit
+    GON's step took 0.74x its time alone and the GON's 0.97x, but the Conv AE's, whose encoder convolutions XLA:CPU
+    runs far slower inside a loop, 5x; so 50 for the Implicit GON, 1 (the step alone) for the conv models."""
+    if steps_per_call is not None:
+        return steps_per_call
+    return 50 if backend != "cpu" or model == "implicit_gon" else 1
 
 
 def flag_name(field_name: str) -> str:

@@ -19,8 +19,6 @@ import optax
 
 from gonjax import parallel, xla
 from gonjax.config import Config
-from gonjax.data import batches as batching
-from gonjax.errors import stop_if_requested
 from gonjax.zoo import Model, build_model
 
 
@@ -144,6 +142,17 @@ def build_steps(model: Model, optimizer: optax.GradientTransformation, layout: p
     """The model's train step, eval step and prior sampler, jitted with the layout's shardings (vmapped over
     stacked replicas)."""
     rep = layout.replicated
+    train, evaluate_batch, sample = layout_steps(model, optimizer, layout)
+    return Steps(
+        train=xla.jit(train, donate_argnums=0, in_shardings=(layout.state, layout.train_batch, rep),
+                      out_shardings=(layout.state, rep)),
+        eval=xla.jit(evaluate_batch, in_shardings=(layout.state, layout.eval_batch, rep), out_shardings=rep),
+        sample=xla.jit(sample, static_argnums=3, out_shardings=rep) if sample is not None else None)
+
+
+def layout_steps(model: Model, optimizer: optax.GradientTransformation, layout: parallel.Layout) -> Steps:
+    """The model's steps, not yet jitted, for `layout`: vmapped over the replica axis when seeds are stacked (an
+    evaluation batch shared by the replicas, its keys not)."""
     train, evaluate_batch, sample = make_train_step(model, optimizer), make_eval_step(model), model.sample
     if layout.stacked:
         train = jax.vmap(train)
@@ -154,11 +163,7 @@ def build_steps(model: Model, optimizer: optax.GradientTransformation, layout: p
             def sample(params, batch_stats, rngs, n):
                 return jax.vmap(lambda p, s, r: one_sample(p, s, r, n))(params, batch_stats, rngs)
 
-    return Steps(
-        train=xla.jit(train, donate_argnums=0, in_shardings=(layout.state, layout.train_batch, rep),
-                      out_shardings=(layout.state, rep)),
-        eval=xla.jit(evaluate_batch, in_shardings=(layout.state, layout.eval_batch, rep), out_shardings=rep),
-        sample=xla.jit(sample, static_argnums=3, out_shardings=rep) if sample is not None else None)
+    return Steps(train, evaluate_batch, sample)
 
 
 def eval_keys(eval_rng: np.ndarray, step: int, split: int, batches: int) -> np.ndarray:
@@ -166,30 +171,6 @@ def eval_keys(eval_rng: np.ndarray, step: int, split: int, batches: int) -> np.n
     fold_in(split(fold_in(eval_rng, step))[s], i)."""
     rng = jax.random.split(jax.random.fold_in(jnp.asarray(eval_rng), step))[split]
     return np.asarray(jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(batches)))
-
-
-def evaluate(eval_step, state: TrainState, images: np.ndarray, batch_size: int, batch_key: Callable[[int], Any],
-             should_stop: Callable[[], bool] | None = None, put=jax.device_put):
-    """Mean of every metric over a full pass in batches of `batch_size` (drop last), and the first batch with
-    its reconstruction. `batch_key(i)` is the key of batch i, `put` places a batch (`parallel.Layout.put`).
-    Metrics are summed on the device and read once: NumPy values, one per replica when the state is stacked.
-    `should_stop` is polled per batch."""
-    sums, first = None, None
-    count = 0
-    batches = batching.prefetch_to_device(batching.eval_batches(images, batch_size), put=put)
-    try:
-        for index, batch in enumerate(batches):
-            stop_if_requested(should_stop)
-            metrics, reconstruction = eval_step(state, batch, batch_key(index))
-            sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
-            if first is None:
-                first = reconstruction
-            count += 1
-    finally:
-        batches.close()
-        wait_for((sums, first))  # also on a stop: no computation outlives the pass
-    means = {name: np.asarray(value) / count for name, value in jax.device_get(sums).items()}
-    return means, (np.asarray(images[:batch_size]), np.asarray(first))
 
 
 def wait_for(arrays) -> None:

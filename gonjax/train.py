@@ -1,9 +1,9 @@
 """The one trainer, generic over `zoo.Model`s: `train_and_evaluate(config, workdir)` trains a run into its folder.
 
-The loop (`_train_group`) reads top to bottom: train an epoch's steps, logging the loss every LOG_EVERY steps;
-then, each on its own cadence, evaluate (`--eval-every`), draw pictures (`draws_pictures`) and checkpoint
-(`--checkpoint-every`). The steps themselves are `gonjax.steps`; checkpoints `gonjax.checkpoints`; the folder
-`gonjax.rundir`. The loop, its periodic actions and the bookkeeping of stacked seeds and of several processes
+The loop (`_train_group`) reads top to bottom: train an epoch's steps in calls of --steps-per-call steps over the
+splits held on the device (`gonjax.loops`), logging the loss about every LOG_EVERY steps; then, each on its own
+cadence, evaluate (`--eval-every`), draw pictures (`draws_pictures`) and checkpoint (`--checkpoint-every`). The
+steps themselves are `gonjax.steps`; checkpoints `gonjax.checkpoints`; the folder `gonjax.rundir`. The loop, its periodic actions and the bookkeeping of stacked seeds and of several processes
 stay in this one module (about 530 lines), in that order, so that everything the loop calls is read right after
 it. A run folder holds:
 
@@ -11,7 +11,8 @@ it. A run folder holds:
   data.json        how the dataset was prepared (TFDS builder, version, split sizes, split seed)
   metrics.jsonl    one JSON object per evaluation (before training, after every --eval-every-th epoch, at the
                    end and at --max-steps)
-  train_metrics.jsonl  the training loss averaged over windows of LOG_EVERY steps, with steps/s and images/s
+  train_metrics.jsonl  the training loss averaged over windows of steps, with steps/s and images/s: a window ends
+                   at the first call boundary at or after each multiple of LOG_EVERY, and at each epoch's end
   recon_<E>.png    first 64 test images beside their reconstructions after epoch E (draws_pictures says which
                    epochs; recon_step<N>.png for a stop mid-epoch)
   samples_<E>.png  64 images decoded from the prior, for models that have one (V-GON, VAE)
@@ -31,7 +32,6 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from itertools import islice
 from pathlib import Path
 
 import jax
@@ -44,13 +44,13 @@ from tqdm import tqdm
 from gonjax import checkpoints, parallel, plots, resources, xla
 from gonjax.events import EventLog
 from gonjax.catalog import SPLIT_SIZES
-from gonjax.config import Config
+from gonjax.config import Config, backend_steps_per_call
 from gonjax.data import input_pipeline
-from gonjax.data.batches import num_batches, prefetch_to_device, train_batches
+from gonjax.data.batches import epoch_order, num_batches
 from gonjax.errors import DivergedError, UsageError, stop_if_requested
 from gonjax.rundir import RunDir
-from gonjax.steps import (Steps, TrainState, build_steps, create_train_state, eval_keys, evaluate, make_optimizer,
-                          wait_for)
+from gonjax.loops import DeviceSplit, Loops, build_loops, call_plan, place_split
+from gonjax.steps import TrainState, build_steps, create_train_state, eval_keys, make_optimizer, wait_for
 from gonjax.zoo import Model, build_model
 
 LOG_EVERY = 50  # training steps per window of train_metrics.jsonl, progress-bar update and non-finite check
@@ -61,8 +61,9 @@ def train_and_evaluate(config: Config, workdir, should_stop: Callable[[], bool] 
     epoch and at the end, checkpointing after every `config.checkpoint_cadence`-th epoch and at the end.
     Evaluations read the state and never change it, so their cadence leaves the training bit for bit the same.
 
-    The steps run on `config.devices` devices (default: every device of every process; `gonjax.parallel`), the
-    same math as on one. `should_stop`, polled before every training step and evaluation batch, stops the run
+    The steps run on `config.devices` devices (default: one; several processes: all of theirs; `gonjax.parallel`),
+    the same math as on one. `should_stop`, polled before every call of training steps or evaluation batches
+    (`config.steps_per_call` of them; `gonjax.loops`), stops the run
     with KeyboardInterrupt when it returns True (the CLIs pass their Ctrl-C / SIGTERM flag); the latest
     checkpoint is kept. Returns the metric records of the whole run (also in workdir/metrics.jsonl).
     """
@@ -177,15 +178,15 @@ def _train(runs: list[RunDir], model: Model, should_stop: Callable[[], bool] | N
     for run in runs:
         run.write_text("data.json", json.dumps(data.info, indent=2) + "\n")
     stop_if_requested(should_stop)  # a stop during data preparation, before compiling
-    _check_batch_size(config, len(data.train), len(data.test))  # the files read (e.g. a small CIFAR-10 folder)
-    steps_per_epoch = num_batches(len(data.train), config.batch_size)
+    _check_batch_size(config, len(data.train_codes), len(data.test_codes))  # the files read (a small CIFAR-10)
+    steps_per_epoch = num_batches(len(data.train_codes), config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     optimizer = make_optimizer(config, steps_per_epoch)
     job = _Job(model, optimizer, data, steps_per_epoch, total_steps, should_stop)
     single = parallel.make_layout(config.devices, config.batch_size)
-    sample_batch = jax.ShapeDtypeStruct((config.batch_size, *data.train.shape[1:]), data.train.dtype)
+    sample_batch = jax.ShapeDtypeStruct((config.batch_size, *data.train_codes.shape[1:]), data.levels.dtype)
     init_state = jax.jit(lambda rng: create_train_state(model, optimizer, rng, jnp.zeros(sample_batch.shape,
                                                                                           sample_batch.dtype)),
                          out_shardings=single.state)
@@ -263,24 +264,23 @@ def _train_group(job: _Job, replicas: list[_Replica], target: int) -> None:
     meter = StepMeter(config.batch_size)
     while step < target:
         epoch, start = divmod(step, job.steps_per_epoch)
-        count = min(job.steps_per_epoch - start, target - step)
-        batches = prefetch_to_device(group.train_batches(job.data.train, epoch, start),
-                                     put=lambda batch: group.layout.put(batch, group.layout.train_batch))
-        bar = tqdm(total=count, desc=f"epoch {epoch + 1}", disable=not show_progress, leave=False)
+        stop = min(job.steps_per_epoch, start + target - step)
+        order = group.order(epoch)
+        bar = tqdm(total=stop - start, desc=f"epoch {epoch + 1}", disable=not show_progress, leave=False)
         epoch_start = time.perf_counter()
         meter.restart()
         try:
-            for batch in islice(batches, count):
+            for first, count in call_plan(start, stop, group.loops.steps_per_call):
                 stop_if_requested(job.should_stop)
-                group.state, metrics = group.steps.train(group.state, batch, group.train_rng)
-                meter.add(metrics["loss"])
-                step += 1
-                bar.update()
-                if step % LOG_EVERY == 0:
+                group.state, metrics = group.loops.train(group.state, group.train_split, order, first, count,
+                                                         group.train_rng)
+                meter.add(metrics["loss"], count)
+                step += count
+                bar.update(count)
+                if step // LOG_EVERY > (step - count) // LOG_EVERY:  # a multiple of LOG_EVERY reached in this call
                     window = _log_window(job, group, meter, step)
                     bar.set_postfix(loss=f"{window['loss']:.5f}", images_per_s=f"{window['images_per_s']:.0f}")
         finally:
-            batches.close()  # stops the prefetch thread (an epoch cut short, a stop, an error)
             # Steps are dispatched asynchronously; a stop must not leave any running when the interpreter exits
             # (XLA then tears down under them: a segfault after "interrupted", seen on MNIST).
             wait_for(group.state)
@@ -310,14 +310,17 @@ def _announce_resume(replicas: list[_Replica], step: int) -> None:
 
 @dataclasses.dataclass
 class _Group:
-    """Replicas at one step trained as one program: their layout, jitted steps, (stacked) state and keys."""
+    """Replicas at one step trained as one program: their layout, jitted loops, (stacked) state and keys, and
+    the dataset's splits on the device."""
 
     replicas: list[_Replica]
     layout: parallel.Layout
-    steps: Steps
+    loops: Loops
+    sample: Callable | None  # the model's prior sampler, jitted (steps.Steps.sample)
     state: TrainState
-    train_rng: jax.Array
     take: Callable  # take(state, k): replica k's state
+    splits: dict[str, DeviceSplit]  # "train", "test"
+    train_rng: jax.Array = None
 
     @classmethod
     def build(cls, job: _Job, replicas: list[_Replica]) -> "_Group":
@@ -330,9 +333,19 @@ class _Group:
                            out_shardings=layout.replicated)
         else:
             state, take = replicas[0].state, (lambda state, k: state)
-        group = cls(replicas, layout, build_steps(job.model, job.optimizer, layout), state, None, take)
+        per_call = backend_steps_per_call(config.steps_per_call, jax.default_backend(), config.model)
+        loops = build_loops(job.model, job.optimizer, layout, config.batch_size,
+                            min(per_call, job.steps_per_epoch))  # a call never crosses an epoch
+        splits = {name: place_split(getattr(job.data, f"{name}_codes"), job.data.levels, layout)
+                  for name in ("train", "test")}
+        group = cls(replicas, layout, loops, build_steps(job.model, job.optimizer, layout).sample, state, take,
+                    splits)
         group.train_rng = group.keys([r.train_rng for r in replicas])
         return group
+
+    @property
+    def train_split(self) -> DeviceSplit:
+        return self.splits["train"]
 
     def keys(self, keys: list) -> jax.Array:
         """One key per replica, placed (stacked when the replicas are)."""
@@ -342,11 +355,12 @@ class _Group:
         """Replica k's part of an output of the group's steps."""
         return value[k] if self.layout.stacked else value
 
-    def train_batches(self, images: np.ndarray, epoch: int, start: int):
-        """The epoch's batches from batch `start` on, each replica in its own seed's order (stacked)."""
-        config = self.replicas[0].config
-        streams = [train_batches(images, config.batch_size, r.config.seed, epoch, start) for r in self.replicas]
-        return map(np.stack, zip(*streams)) if self.layout.stacked else streams[0]
+    def order(self, epoch: int) -> jax.Array:
+        """The epoch's training order on the device (`batches.epoch_order`), each replica its own seed's
+        (stacked)."""
+        size = len(self.splits["train"].codes)
+        orders = [epoch_order(size, r.config.seed, epoch).astype(np.int32) for r in self.replicas]
+        return self.layout.put(np.stack(orders) if self.layout.stacked else orders[0], self.layout.replicated)
 
     def prefix(self, r: _Replica) -> str:
         """What a line about replica r starts with: its folder's name when several train together."""
@@ -389,9 +403,9 @@ def _evaluate_and_act(job: _Job, group: _Group, step: int, group_end: bool = Fal
     config = group.replicas[0].config
     records, pictures = _evaluate(job, group, step)
     samples = None
-    if group.steps.sample is not None and draws_pictures(records[0]["epoch"], last):  # every process: a collective
+    if group.sample is not None and draws_pictures(records[0]["epoch"], last):  # every process: a collective
         keys = [np.asarray(jax.random.fold_in(jnp.asarray(r.sample_rng), step)) for r in group.replicas]
-        samples = np.asarray(group.steps.sample(group.state.params, group.state.batch_stats, group.keys(keys), 64))
+        samples = np.asarray(group.sample(group.state.params, group.state.batch_stats, group.keys(keys), 64))
     metric = job.model.table_metric
     for k, (r, record) in enumerate(zip(group.replicas, records)):
         if not r.has_record(step):
@@ -420,17 +434,22 @@ def _evaluate(job: _Job, group: _Group, step: int) -> tuple[list[dict], tuple[np
     eval_start = time.perf_counter()
     records = [{"epoch": job.epoch_label(step), "step": step} for _ in group.replicas]
     partial = False
-    for split_index, (split, images) in enumerate((("train", data.train), ("test", data.test))):
+    for split_index, split in enumerate(("train", "test")):
+        batches = num_batches(len(getattr(data, f"{split}_codes")), config.batch_size)
         if config.eval_batches is not None:
-            partial |= config.eval_batches < num_batches(len(images), config.batch_size)
-            images = images[:config.eval_batches * config.batch_size]
-        batches = num_batches(len(images), config.batch_size)
+            partial |= config.eval_batches < batches
+            batches = min(batches, config.eval_batches)
         keys = np.stack([eval_keys(r.eval_rng, step, split_index, batches) for r in group.replicas], axis=1)
-        means, pictures = evaluate(group.steps.eval, group.state, images, config.batch_size,
-                                   lambda i: group.keys(list(keys[i])), job.should_stop,
-                                   put=lambda batch: group.layout.put(batch, group.layout.eval_batch))
+        keys = group.layout.put(keys if group.layout.stacked else keys[:, 0], group.layout.replicated)
+        try:
+            means, reconstruction = group.loops.evaluate(group.state, group.splits[split], keys, batches,
+                                                         lambda: stop_if_requested(job.should_stop))
+        finally:
+            wait_for(group.state)  # also on a stop: no computation outlives the pass
+        means = jax.device_get(means)
         for k, record in enumerate(records):
             record.update({f"{split}_{name}": float(group.of_replica(value, k)) for name, value in means.items()})
+    pictures = (data.levels[data.test_codes[:config.batch_size]], np.asarray(reconstruction))
     eval_seconds = round(time.perf_counter() - eval_start, 3)
     for r, record in zip(group.replicas, records):
         if partial:
@@ -498,9 +517,11 @@ class StepMeter:
     def restart(self) -> None:
         self.loss_sum, self.steps, self.started = None, 0, time.perf_counter()
 
-    def add(self, loss: jax.Array) -> None:
-        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
-        self.steps += 1
+    def add(self, losses: jax.Array, count: int) -> None:
+        """Add a call's `count` step losses (rows of a leading axis, zero after the `count`-th: `gonjax.loops`)."""
+        total = losses.sum(axis=0)
+        self.loss_sum = total if self.loss_sum is None else self.loss_sum + total
+        self.steps += count
 
     def read(self) -> dict:
         """{"loss": mean step loss (one per replica when stacked), "steps": n, "seconds": wall time,

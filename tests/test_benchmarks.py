@@ -222,16 +222,21 @@ def test_gpu_check_refuses_bad_requests_and_tables_what_its_parts_found(tmp_path
     report = {"device": {"platform": "gpu", "kind": "NVIDIA H100", "count": 1, "jax": "0.10.2"}, "quick": False,
               "parity": {"exit_status": 0, "selection": "tests/test_parity.py -k float64", "summary": "20 passed"},
               "step_time": {"auto_highest": {"exit_status": 0, "rows": [row]}},
-              "epoch_time": {"gon": {"exit_status": 0, "result": {"epoch_s": {"gonjax": 3.0, "torch": 6.0},
-                                                                   "epoch_ratio": 2.0, "estimated": False}},
-                             "implicit_gon": {"exit_status": 1}},
+              "epoch_time": {name: {"exit_status": 0, "result": {
+                                 "epoch_s": {"gonjax": 3.0, "torch": 6.0}, "epoch_ratio": 2.0, "estimated": False,
+                                 "steps_per_call": calls, "steadiness": {"median_ms": 2.5, "p90_ms": 3.25},
+                                 "gonjax": [{"test_metric": sse}]}}
+                             for name, calls, sse in (("gon", None, 1.5), ("gon_calls1", 1, 1.0))},
               "fashion": {"device": {"step": 937, "test_sse": 1.01, "seconds": 20.0, "exit_status": 0},
                           "cpu": {"step": 937, "test_sse": 1.0, "seconds": 60.0, "exit_status": 0},
                           "relative_difference": 0.01}}
+    report["epoch_time"]["implicit_gon"] = {"exit_status": 1}
     text = gpu_check.markdown(report)
     assert "on NVIDIA H100 (gpu, 1 device(s))" in text and "`pytest tests/test_parity.py -k float64`: 20 passed" in text
     assert "| gon | autodiff | highest | 2.50 | 5.00 | 2.00 | 90000 / 45000 |" in text
-    assert "| gon | 3.00 | 6.00 | 2.00 | no |" in text and "| implicit_gon | failed (exit status 1) |" in text
+    assert "| gon_calls1 | 1 | 3.00 | 6.00 | 2.00 | no | 2.50 / 3.25 |" in text
+    assert "| gon | default | 3.00 |" in text and "1.5 / 1.0 (relative difference 5.00e-01" in text
+    assert "| implicit_gon | | failed (exit status 1) |" in text
     assert "| device | 937 | 1.01 | 20.0 |" in text and "Relative difference of the test SSE: 1.00e-02." in text
     assert [gpu_check._failed(report[part]) for part in ("parity", "step_time", "epoch_time", "fashion")] == \
         [False, False, True, False]

@@ -173,20 +173,10 @@ def test_train_batches_shuffle_per_epoch_drop_last_and_resume():
     assert not np.array_equal(other_seed, seen)
 
 
-def test_eval_batches_are_in_order_and_prefetch_preserves_them():
+def test_eval_batches_are_in_order():
     images = np.arange(7, dtype=np.float32).reshape(7, 1, 1, 1)
-    batches = list(input_pipeline.prefetch_to_device(input_pipeline.eval_batches(images, 2)))
-    assert [np.asarray(b).ravel().tolist() for b in batches] == [[0, 1], [2, 3], [4, 5]]
-    assert all(isinstance(b, jax.Array) for b in batches)
-
-
-def test_prefetch_reraises_producer_errors():
-    def broken():
-        yield np.zeros(2)
-        raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        list(input_pipeline.prefetch_to_device(broken()))
+    batches = list(input_pipeline.eval_batches(images, 2))
+    assert [b.ravel().tolist() for b in batches] == [[0, 1], [2, 3], [4, 5]]
 
 
 def test_side_by_side_preparation_of_one_data_dir(shared_data, tmp_path):

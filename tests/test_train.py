@@ -61,7 +61,8 @@ def test_train_step_is_one_adam_step_on_the_model_gradient():
 
 def test_training_reduces_coil20_error_and_writes_every_artefact(shared_data, tfds_dir, tmp_path, monkeypatch):
     make_train_step = steps.make_train_step
-    monkeypatch.setattr(steps, "make_train_step", lambda m, o: chex.assert_max_traces(make_train_step(m, o), n=1))
+    # Traced twice, once: for the shapes of its per-step metrics (gonjax.loops), and for the program; not per call.
+    monkeypatch.setattr(steps, "make_train_step", lambda m, o: chex.assert_max_traces(make_train_step(m, o), n=2))
     records = train.train_and_evaluate(_config(shared_data, tfds_dir, epochs=2, lr=2e-3), tmp_path / "run")
     assert [r["step"] for r in records] == [0, 18, 36]
     assert [r["epoch"] for r in records] == [0, 1, 2]
@@ -105,6 +106,36 @@ def test_resumed_or_sparsely_evaluated_run_reproduces_an_uninterrupted_one(share
     checkpointed = train.train_and_evaluate(_config(shared_data, tfds_dir, **every, max_steps=30), tmp_path / "d")
     assert [r["step"] for r in checkpointed] == [0, 30]
     assert strip(checkpointed) == strip(sparse)
+
+
+def test_calls_of_several_steps_train_the_same_run_bit_for_bit_and_resume_it(shared_data, tfds_dir, tmp_path,
+                                                                              monkeypatch):
+    """--steps-per-call 4 against 1: the same records bit for bit (training steps in loops of up to 4;
+    evaluations of 6 and 4 batches in calls of 4 and 2 and of 4, their sums carried from call to call), the
+    windows ending at call boundaries; a run stopped at step 11 (inside a call) resumes to the same records.
+    Compiled with gonjax's own options (LLVM -O1): under the suite's fast-compile flags (-O0 and XLA:CPU's older
+    loop emitters together) a step inside a loop rounds differently from the step alone. (Resuming within one
+    --steps-per-call is exact under any flags: one program serves every call.)"""
+    monkeypatch.setattr(xla, "user_flags", set)
+    monkeypatch.setattr(train, "LOG_EVERY", 5)
+    common = dict(epochs=2, eval_batches=6)
+    one = train.train_and_evaluate(_config(shared_data, tfds_dir, **common), tmp_path / "one")
+    four = train.train_and_evaluate(_config(shared_data, tfds_dir, **common, steps_per_call=4), tmp_path / "four")
+    timing = ("seconds", "per_s", "mean_step_loss")  # wall times, and step losses summed in other groupings
+    strip = lambda rs: [{k: v for k, v in r.items() if not any(t in k for t in timing)} for r in rs]
+    assert [r["step"] for r in four] == [0, 18, 36] and strip(four) == strip(one)
+    for a, b in zip(four[1:], one[1:]):
+        assert a["mean_step_loss"] == pytest.approx(b["mean_step_loss"], rel=1e-6)
+    windows = [json.loads(line) for line in (tmp_path / "four" / "train_metrics.jsonl").read_text().splitlines()]
+    # Calls from each epoch's start: 0-4, 4-8, 8-12, 12-16, 16-18; 18-22, ..., 30-34, 34-36. A window ends at
+    # the first call boundary at or after each multiple of 5, and at each epoch's end.
+    assert [w["step"] for w in windows] == [8, 12, 16, 18, 22, 26, 30, 36]
+    train.train_and_evaluate(_config(shared_data, tfds_dir, **common, steps_per_call=4, max_steps=11),
+                             tmp_path / "resumed")
+    resumed = train.train_and_evaluate(_config(shared_data, tfds_dir, **common, steps_per_call=4),
+                                       tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [0, 11, 18, 36]
+    assert strip(resumed)[2:] == strip(four)[1:]
 
 
 def test_finished_run_is_left_alone(shared_data, tfds_dir, tmp_path, capsys):
@@ -180,7 +211,7 @@ def test_cpu_compiler_options_keep_ynnpack_to_dots_and_compile(monkeypatch):
 
 def test_training_windows_record_the_step_losses(shared_data, tfds_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "LOG_EVERY", 5)
-    config = _config(shared_data, tfds_dir, epochs=2, eval_batches=1)
+    config = _config(shared_data, tfds_dir, epochs=2, eval_batches=1, steps_per_call=1)  # windows of single steps
     records = train.train_and_evaluate(config, tmp_path / "run")
     windows = [json.loads(line) for line in (tmp_path / "run" / "train_metrics.jsonl").read_text().splitlines()]
     ends = [5, 10, 15, 18, 20, 25, 30, 35, 36]  # every 5th step, and each epoch's end (18 steps)
@@ -200,10 +231,13 @@ def test_training_windows_record_the_step_losses(shared_data, tfds_dir, tmp_path
         for batch in input_pipeline.train_batches(data.train, 64, config.seed, epoch):
             state, metrics = step_fn(state, jnp.asarray(batch), train_rng)
             losses.append(float(metrics["loss"]))
+    # rtol: the trainer's program gathers its batches itself; compiled at the suite's LLVM -O0 with the older loop
+    # emitters it rounds differently from this plain step (3e-5 apart after 5 steps). A window one step off is
+    # 1e-3 away.
     np.testing.assert_allclose([w["train_loss"] for w in windows],
-                               [np.mean(losses[a:b]) for a, b in zip([0] + ends[:-1], ends)], rtol=1e-5)
-    assert records[1]["mean_step_loss"] == pytest.approx(np.mean(losses[:18]), rel=1e-5)
-    assert records[2]["mean_step_loss"] == pytest.approx(np.mean(losses[18:]), rel=1e-5)
+                               [np.mean(losses[a:b]) for a, b in zip([0] + ends[:-1], ends)], rtol=2e-4)
+    assert records[1]["mean_step_loss"] == pytest.approx(np.mean(losses[:18]), rel=2e-4)
+    assert records[2]["mean_step_loss"] == pytest.approx(np.mean(losses[18:]), rel=2e-4)
     assert "mean_step_loss" not in records[0] and records[2]["steps_per_s"] > 0
 
 

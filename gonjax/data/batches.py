@@ -1,15 +1,12 @@
-"""Batching (GON-SPEC 6): the epoch order, training and evaluation batches, and device prefetch.
+"""Batching (GON-SPEC 6): the epoch order, and training and evaluation batches on the host.
 
-Pure NumPy and JAX, no TFDS: the trainer, inference and benchmarks batch arrays through here, whatever prepared
-them (`gonjax.data.input_pipeline` for the spec's datasets).
+Pure NumPy, no TFDS. The trainer places the epoch's order on the device and gathers its batches there
+(`gonjax.loops`); these host batches are the same arrays, for inference, benchmarks and tests.
 """
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Iterator
 
-import jax
 import numpy as np
 
 
@@ -35,40 +32,3 @@ def eval_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
     """Batches in the stored order (drop last), as evaluation sees them."""
     for i in range(num_batches(len(images), batch_size)):
         yield images[i * batch_size:(i + 1) * batch_size]
-
-
-def prefetch_to_device(batches: Iterator[np.ndarray], depth: int = 2, put=jax.device_put) -> Iterator[jax.Array]:
-    """Iterate `batches` as device arrays (`put(batch)`: e.g. split over a mesh, `parallel.Layout.put`), a
-    background thread staying `depth` batches ahead."""
-    buffer: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def produce():
-        try:
-            for batch in batches:
-                if stop.is_set():
-                    return
-                buffer.put(put(batch))
-        except BaseException as error:  # re-raised in the consumer
-            buffer.put(error)
-            return
-        buffer.put(done)
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = buffer.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():
-            try:
-                buffer.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.01)

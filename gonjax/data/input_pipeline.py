@@ -1,15 +1,18 @@
-"""Input pipeline (GON-SPEC 6): TFDS preparation, preprocessing to float32 in [0, 1], batching, prefetch.
+"""Input pipeline (GON-SPEC 6): TFDS preparation, and each split as integer codes with their float32 values.
 
-A split of these datasets fits in memory (MNIST at 32x32 is 245 MB as float32), so each split is read from TFDS
-once, preprocessed once and held as one array; batches are gathered from it by index. A background thread keeps
-the next batches on the device while the current step runs, so the input pipeline never starves the step.
+A split of these datasets fits in memory, so each split is read from TFDS once and held as one array of integer
+codes as stored (uint8 grey levels; COIL-20's 2x2 sums as uint16), beside `levels`, the float32 value in [0, 1] of
+every code: the image is `levels[codes]`. The trainer places the codes on the device once (MNIST at 32x32: 61 MB,
+a quarter of its float32 size) and gathers each batch inside its jitted steps (`gonjax.loops`), bit for bit the
+floats the host computes here.
 
 Resizing (documented choices):
 - MNIST / Fashion-MNIST 28 -> 32 for the conv models: Pillow bilinear on the uint8 image, requantised to uint8,
   which is what torchvision's `Resize(32)` does on the PIL images of P's scripts (upsampling: no anti-aliasing
   question arises). The Implicit GON reads them at their native 28x28.
 - COIL-20 128 -> 32: bilinear without anti-aliasing with half-pixel centres: output pixel i sits at input
-  coordinate 4i + 1.5, so it is exactly the mean of the central 2x2 pixels of its 4x4 block (kept in float).
+  coordinate 4i + 1.5, so it is exactly the mean of the central 2x2 pixels of its 4x4 block (held exactly, as
+  their sum).
 - CIFAR-10 is 32x32 already.
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import os
 import shutil
 import socket
@@ -28,7 +32,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
 from gonjax.catalog import CHANNELS, NATIVE_SIZE  # noqa: F401  (re-exported)
-from gonjax.data.batches import epoch_order, eval_batches, num_batches, prefetch_to_device, train_batches  # noqa: F401
+from gonjax.data.batches import epoch_order, eval_batches, num_batches, train_batches  # noqa: F401
 from gonjax.data.builders import BUILDERS
 from gonjax.errors import DataError, quiet_absl
 
@@ -36,12 +40,23 @@ from gonjax.errors import DataError, quiet_absl
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Both splits of a dataset as float32 NHWC arrays in [0, 1], with a description of how they were made."""
+    """Both splits of a dataset as integer codes (NHWC), the float32 value in [0, 1] of each code (`levels`), and
+    a description of how they were made. `train` and `test` are the float32 images, `levels[codes]` (made on
+    first use)."""
 
     name: str
-    train: np.ndarray
-    test: np.ndarray
+    train_codes: np.ndarray
+    test_codes: np.ndarray
+    levels: np.ndarray
     info: dict
+
+    @functools.cached_property
+    def train(self) -> np.ndarray:
+        return self.levels[self.train_codes]
+
+    @functools.cached_property
+    def test(self) -> np.ndarray:
+        return self.levels[self.test_codes]
 
 
 def find_manual_dir(name: str, manual_dir) -> Path:
@@ -182,36 +197,37 @@ def resize_bilinear_pil(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack(resized)[..., None]
 
 
-def downsample_central(images: np.ndarray, factor: int) -> np.ndarray:
-    """Bilinear downsampling by an even `factor` without anti-aliasing, half-pixel centres, as float32.
-
-    Output pixel i samples input coordinate factor*i + (factor-1)/2, i.e. the mean of the central 2x2 pixels
-    of its factor x factor block.
-    """
+def central_sums(images: np.ndarray, factor: int) -> np.ndarray:
+    """uint16 sums of the central 2x2 pixels of each `factor` x `factor` block (`factor` even): four times the
+    bilinear downsampling without anti-aliasing, half-pixel centres (output pixel i samples input coordinate
+    factor*i + (factor-1)/2, the mean of those four pixels)."""
     n, h, w, c = images.shape
-    blocks = images.reshape(n, h // factor, factor, w // factor, factor, c).astype(np.float32)
+    blocks = images.reshape(n, h // factor, factor, w // factor, factor, c).astype(np.uint16)
     mid = factor // 2
-    return blocks[:, :, mid - 1:mid + 1, :, mid - 1:mid + 1, :].mean(axis=(2, 4))
+    return blocks[:, :, mid - 1:mid + 1, :, mid - 1:mid + 1, :].sum(axis=(2, 4), dtype=np.uint16)
 
 
-def preprocess(name: str, images: np.ndarray, image_size: int) -> np.ndarray:
-    """uint8 images of dataset `name` -> float32 in [0, 1] at image_size x image_size (GON-SPEC 6)."""
+def encode(name: str, images: np.ndarray, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images of dataset `name` -> (codes at image_size x image_size, levels): `levels[codes]` is the
+    image as float32 in [0, 1] (GON-SPEC 6). Grey level g is g / 255; COIL-20's code s (a sum of four grey levels,
+    `central_sums`) is (s / 4) / 255, each division rounded to float32 as dividing the float32 mean would be."""
     native = NATIVE_SIZE[name]
+    if image_size != native and (name not in ("mnist", "fashion_mnist") or image_size != 32):
+        raise DataError(f"{name} can be read at {native}x{native}"
+                        f"{' or 32x32' if native == 28 else ''}, not {image_size}x{image_size}")
     if name == "coil20":
-        images = downsample_central(images, images.shape[1] // native)
+        codes = central_sums(images, images.shape[1] // native)
+        return codes, np.arange(4 * 255 + 1, dtype=np.float32) / np.float32(4.0) / np.float32(255.0)
     if image_size != native:
-        if name not in ("mnist", "fashion_mnist") or image_size != 32:
-            raise DataError(f"{name} can be read at {native}x{native}"
-                            f"{' or 32x32' if native == 28 else ''}, not {image_size}x{image_size}")
         images = resize_bilinear_pil(images, image_size)
-    return (np.asarray(images, np.float32) / np.float32(255.0))
+    return np.asarray(images, np.uint8), np.arange(256, dtype=np.float32) / np.float32(255.0)
 
 
 def load_dataset(name: str, image_size: int, data_dir=None, manual_dir=None) -> Dataset:
-    """Prepare `name` through TFDS and return both splits preprocessed for a model reading image_size^2."""
+    """Prepare `name` through TFDS and return both splits encoded for a model reading image_size^2."""
     builder = prepare_builder(name, data_dir, manual_dir)
-    train = preprocess(name, read_split(builder, "train"), image_size)
-    test = preprocess(name, read_split(builder, "test"), image_size)
+    train, levels = encode(name, read_split(builder, "train"), image_size)
+    test, _ = encode(name, read_split(builder, "test"), image_size)
     info = {
         "dataset": name,
         "tfds_builder": builder.name,
@@ -223,4 +239,4 @@ def load_dataset(name: str, image_size: int, data_dir=None, manual_dir=None) -> 
     }
     if name == "coil20":
         info["split_seed"] = BUILDERS[name].SPLIT_SEED
-    return Dataset(name, train, test, info)
+    return Dataset(name, train, test, levels, info)
