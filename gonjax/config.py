@@ -162,8 +162,7 @@ class Config:
                                   default_doc="1 (--seeds: as many as divide the seeds; several processes: all)")
     steps_per_call: int | None = setting(None, "training steps (and evaluation batches) per dispatch, at most an "
                                                "epoch's: one loop on the device over batches gathered there "
-                                               "(gonjax.loops); the same numbers whatever N; a stop waits for the "
-                                               "call in flight",
+                                               "(gonjax.loops); a stop waits for the call in flight",
                                          default_doc="50 on a GPU or TPU; on a CPU 50 for the Implicit GON, 1 for "
                                                      "the conv models (benchmarks/README.md, \"Steps per call\")")
     # Variants of the origin step (docs/spec.md "Variants"). Defaults are the spec's.
@@ -334,8 +333,9 @@ def backend_steps_per_call(steps_per_call: int | None, backend: str, model: str)
     """Training steps per dispatch for `model` on `backend` when --steps-per-call is unset (a given count is kept).
     Off the CPU, 50: a GPU step takes milliseconds, which Python's dispatch and bookkeeping per step would eat
     into. On XLA:CPU a loop of steps is not always faster (benchmarks/README.md, "Steps per call"): the Implicit
-    GON's step took 0.74x its time alone and the GON's 0.97x, but the Conv AE's, whose encoder convolutions XLA:CPU
-    runs far slower inside a loop, 5x; so 50 for the Implicit GON, 1 (the step alone) for the conv models."""
+    GON's step took 0.76x its time alone and the GON's 0.97x, but the Conv AE's 9.3x (not examined; its strided
+    encoder convolutions, which the GON lacks, are the likely place); so 50 for the Implicit GON, 1 (the step
+    alone) for the conv models."""
     if steps_per_call is not None:
         return steps_per_call
     return 50 if backend != "cpu" or model == "implicit_gon" else 1

@@ -108,24 +108,22 @@ def test_resumed_or_sparsely_evaluated_run_reproduces_an_uninterrupted_one(share
     assert strip(checkpointed) == strip(sparse)
 
 
-def test_calls_of_several_steps_train_the_same_run_bit_for_bit_and_resume_it(shared_data, tfds_dir, tmp_path,
-                                                                              monkeypatch):
-    """--steps-per-call 4 against 1: the same records bit for bit (training steps in loops of up to 4;
-    evaluations of 6 and 4 batches in calls of 4 and 2 and of 4, their sums carried from call to call), the
-    windows ending at call boundaries; a run stopped at step 11 (inside a call) resumes to the same records.
-    Compiled with gonjax's own options (LLVM -O1): under the suite's fast-compile flags (-O0 and XLA:CPU's older
-    loop emitters together) a step inside a loop rounds differently from the step alone. (Resuming within one
-    --steps-per-call is exact under any flags: one program serves every call.)"""
-    monkeypatch.setattr(xla, "user_flags", set)
+def test_calls_of_several_steps_train_the_same_run_and_resume_it_bit_for_bit(shared_data, tfds_dir, tmp_path,
+                                                                             monkeypatch):
+    """--steps-per-call 4 against 1: the same run (training steps in loops of up to 4; evaluations of 6 and 4
+    batches in calls of 4 and 2 and of 4, their sums carried from call to call), the windows ending at call
+    boundaries; a run stopped at step 11 (inside a call) resumes to the same records bit for bit: one program
+    serves every call. (A program with a loop may round differently from the step alone: with gonjax's own
+    compiler options the GON's are equal to the bit, benchmarks/README.md "Steps per call"; under this suite's
+    fast-compile flags they are not, hence the tolerance between K = 4 and K = 1.)"""
     monkeypatch.setattr(train, "LOG_EVERY", 5)
     common = dict(epochs=2, eval_batches=6)
-    one = train.train_and_evaluate(_config(shared_data, tfds_dir, **common), tmp_path / "one")
+    one = train.train_and_evaluate(_config(shared_data, tfds_dir, **common, steps_per_call=1), tmp_path / "one")
     four = train.train_and_evaluate(_config(shared_data, tfds_dir, **common, steps_per_call=4), tmp_path / "four")
-    timing = ("seconds", "per_s", "mean_step_loss")  # wall times, and step losses summed in other groupings
-    strip = lambda rs: [{k: v for k, v in r.items() if not any(t in k for t in timing)} for r in rs]
-    assert [r["step"] for r in four] == [0, 18, 36] and strip(four) == strip(one)
-    for a, b in zip(four[1:], one[1:]):
-        assert a["mean_step_loss"] == pytest.approx(b["mean_step_loss"], rel=1e-6)
+    assert [r["step"] for r in four] == [0, 18, 36]
+    for a, b in zip(four, one):  # a batch or key out of place would be 1e-2 away
+        for key in {"train_sse", "test_sse", "train_loss", "mean_step_loss"} & set(b):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
     windows = [json.loads(line) for line in (tmp_path / "four" / "train_metrics.jsonl").read_text().splitlines()]
     # Calls from each epoch's start: 0-4, 4-8, 8-12, 12-16, 16-18; 18-22, ..., 30-34, 34-36. A window ends at
     # the first call boundary at or after each multiple of 5, and at each epoch's end.
@@ -135,6 +133,8 @@ def test_calls_of_several_steps_train_the_same_run_bit_for_bit_and_resume_it(sha
     resumed = train.train_and_evaluate(_config(shared_data, tfds_dir, **common, steps_per_call=4),
                                        tmp_path / "resumed")
     assert [r["step"] for r in resumed] == [0, 11, 18, 36]
+    timing = ("seconds", "per_s", "mean_step_loss")  # wall times, and step losses summed in other groupings
+    strip = lambda rs: [{k: v for k, v in r.items() if not any(t in k for t in timing)} for r in rs]
     assert strip(resumed)[2:] == strip(four)[1:]
 
 
