@@ -20,9 +20,10 @@ Parts: "train" is an epoch's training steps, "eval" both evaluation passes, "dat
 the splits (TFDS for gonjax, done once per run; the DataLoader's batching is inside PyTorch's train and eval
 parts, as gonjax's gather on the device is inside its own; it reads gonjax's arrays). The trainer's 50-step
 windows after the first give its steadiness: the median and 90th percentile of their milliseconds per step and
-the share of windows slower than 1.3 times the median (the machine's slow mode, benchmarks/README.md "Noise"). `--steps N` / `--eval-batches B` time N training steps (median of the
-trainer's 50-step windows after the first; PyTorch's median step) and B batches of each pass, and scale them to
-a whole epoch; "first epoch's train" is then those N steps.
+the share of windows slower than 1.3 times the median (the machine's slow mode, benchmarks/README.md "Noise").
+`--steps N` / `--eval-batches B` time N training steps (median of the trainer's 50-step windows after the first;
+PyTorch's median step) and B batches of each pass, and scale them to a whole epoch; "first epoch's train" is
+then those N steps.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ class Side:
     train_metric: float
     test_metric: float
     estimated: bool
-    window_ms: list[float] = dataclasses.field(default_factory=list)  # gonjax: ms per step of each window after the first
+    window_ms: list[float] = dataclasses.field(default_factory=list)  # gonjax: ms a step of each window after the 1st
 
     def as_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -214,7 +215,8 @@ def run(name: str, config: Config, steps: int | None, eval_batches: int | None, 
     for part in ("train_s", "eval_s", "first_epoch_s"):
         a, b = median(ours, part), median(theirs, part)
         parts[part] = {"gonjax": a, "torch": b, "ratio": b / a if theirs else None,
-                       "gonjax_runs": [getattr(s, part) for s in ours], "torch_runs": [getattr(s, part) for s in theirs]}
+                       "gonjax_runs": [getattr(s, part) for s in ours],
+                       "torch_runs": [getattr(s, part) for s in theirs]}
     epoch = {"gonjax": parts["train_s"]["gonjax"] + parts["eval_s"]["gonjax"],
              "torch": parts["train_s"]["torch"] + parts["eval_s"]["torch"] if theirs else None}
     steps_per_epoch, eval_batches_per_epoch = epoch_batches(data, config.batch_size)

@@ -3,9 +3,9 @@
 The loop (`_train_group`) reads top to bottom: train an epoch's steps in calls of --steps-per-call steps over the
 splits held on the device (`gonjax.loops`), logging the loss about every LOG_EVERY steps; then, each on its own
 cadence, evaluate (`--eval-every`), draw pictures (`draws_pictures`) and checkpoint (`--checkpoint-every`). The
-steps themselves are `gonjax.steps`; checkpoints `gonjax.checkpoints`; the folder `gonjax.rundir`. The loop, its periodic actions and the bookkeeping of stacked seeds and of several processes
-stay in this one module (about 530 lines), in that order, so that everything the loop calls is read right after
-it. A run folder holds:
+steps themselves are `gonjax.steps`; checkpoints `gonjax.checkpoints`; the folder `gonjax.rundir`. The loop, its
+periodic actions and the bookkeeping of stacked seeds and of several processes stay in this one module (about 570
+lines), in that order, so that everything the loop calls is read right after it. A run folder holds:
 
   config.json      the run's Config
   data.json        how the dataset was prepared (TFDS builder, version, split sizes, split seed)
