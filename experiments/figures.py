@@ -22,7 +22,7 @@ from experiments.suite import UNITS
 COINCIDE = 0.01  # two ablation curves within 1% of each other at every epoch are said to coincide
 
 
-def _plain_axis(ax) -> None:
+def plain_axis(ax) -> None:
     """A y axis with few, plainly written ticks: log with 1, 2, 5 per decade (every digit on a range narrower than
     a decade), or linear on a range within a factor of 3; no minor labels."""
     low, high = ax.dataLim.y0, ax.dataLim.y1  # the data's range, not the padded view's (which may reach below 0)
@@ -84,7 +84,7 @@ def save_table_curves(path: Path, results: Sequence, title: str, titles: dict | 
                 schedule = mine[0].cell.schedule_epochs
                 ax.plot([schedule], [j[1]], marker="*", ms=11, color=colour, ls="")
                 ax.plot([schedule], [j[0]], marker="*", ms=11, mfc="none", color=colour, ls="")
-        _plain_axis(ax)
+        plain_axis(ax)
         ax.set_title((titles or {}).get(dataset, dataset), fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylabel(unit)
@@ -130,7 +130,7 @@ def save_ablation_curves(path: Path, results: Sequence, title: str) -> None:
         seed = f" (seed {result.cell.seed})" if result.cell.seed else ""
         ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.4, label=result.cell.row.label + seed,
                 marker="o" if len(points) == 1 else None, ms=4, ls=("-", "--", "-.", ":")[index % 4])
-    _plain_axis(ax)
+    plain_axis(ax)
     ax.set_xlabel("epoch")
     ax.set_ylabel("train " + UNITS["loss"])
     notes = [f"{a} and {b} coincide (within {100 * worst:.2g}% at every epoch)" for a, b, worst in coinciding(results)]

@@ -120,6 +120,11 @@ class Config:
                            models=("gon", "implicit_gon"))
     latent_sigma: float = setting(0.0, "start from z0 ~ N(0, sigma^2) and use z = z0 - grad (ablation, GON-SPEC 9)",
                                   models=("gon", "implicit_gon"))
+    latent_noise: str = setting("example", "with --latent-sigma: `example` draws z0 for every example (GON-SPEC 9), "
+                                "`batch` one z0 that every example of the batch shares", models=("gon", "implicit_gon"),
+                                choices=("example", "batch"))
+    bn_epsilon: float = setting(1e-5, "batch norm's eps in (x - mean) / sqrt(var + eps) (PyTorch's, GON-SPEC 3)",
+                                models=CONV_MODELS)
     kl_weight: float = setting(1.0, "weight of the KLD in BCE + weight * KLD (GON-SPEC 4.3)", models=("vgon", "vae"))
     kl_warmup_steps: int = setting(0, "ramp the KL weight linearly from 0 over this many steps",
                                    models=("vgon", "vae"))
@@ -263,11 +268,12 @@ class Config:
             raise UsageError("--lr-drop-epoch must be non-negative and --lr-drop-to positive")
         if self.kl_weight < 0 or self.kl_warmup_steps < 0:
             raise UsageError("--kl-weight and --kl-warmup-steps must be non-negative")
-        for name in ("latent_step_size", "fourier_sigma"):
+        for name in ("latent_step_size", "fourier_sigma", "bn_epsilon"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise UsageError(f"{flag_name(name)} must be a positive number, got {value}")
-        for name in ("lr", "lr_drop_to", "latent_sigma", "kl_weight", "latent_step_size", "fourier_sigma"):
+        for name in ("lr", "lr_drop_to", "latent_sigma", "kl_weight", "latent_step_size", "fourier_sigma",
+                     "bn_epsilon"):
             value = getattr(self, name)
             if value is not None and value > FLOAT32_MAX:
                 raise UsageError(f"{flag_name(name)} {value:g} is infinite in float32, where training computes; "

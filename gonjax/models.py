@@ -145,6 +145,7 @@ class ConvDecoder(nn.Module):
     activation: str = "elu"
     deconv_impl: str = "taps"  # how the transposed convolutions are computed (TorchConvTranspose)
     kernels: str = "xla_cpu"  # "autodiff": JAX's own primitives only (KERNELS), deconv_impl then "dilated"
+    bn_epsilon: float = 1e-5  # BatchStatNorm's eps
 
     @nn.compact
     def __call__(self, z: jax.Array, batch_size: int | None = None) -> jax.Array:
@@ -157,7 +158,8 @@ class ConvDecoder(nn.Module):
             first = i == 0
             x = TorchConvTranspose(width, stride=1 if first else 2, padding=0 if first else 1,
                                    impl=impl, name=f"deconv{i + 1}")(x)
-            x = act(BatchStatNorm(kernels=self.kernels, name=f"bn{i + 1}")(x, batch_size))
+            norm = BatchStatNorm(epsilon=self.bn_epsilon, kernels=self.kernels, name=f"bn{i + 1}")
+            x = act(norm(x, batch_size))
         x = TorchConvTranspose(self.nc, stride=2, padding=1, impl=impl, name="deconv4")(x)
         return nn.sigmoid(x)
 
@@ -214,6 +216,7 @@ class ConvEncoder(nn.Module):
     ngf: int = 16
     activation: str = "elu"
     kernels: str = "xla_cpu"  # KERNELS
+    bn_epsilon: float = 1e-5  # BatchStatNorm's eps
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -221,7 +224,7 @@ class ConvEncoder(nn.Module):
         widths = (self.ngf, 2 * self.ngf, 4 * self.ngf)
         for i, width in enumerate(widths):
             x = TorchConv(width, stride=2, padding=1, kernels=self.kernels, name=f"conv{i + 1}")(x)
-            x = act(BatchStatNorm(kernels=self.kernels, name=f"bn{i + 1}")(x))
+            x = act(BatchStatNorm(epsilon=self.bn_epsilon, kernels=self.kernels, name=f"bn{i + 1}")(x))
         x = act(TorchConv(self.nz, stride=1, padding=0, kernels=self.kernels, name="conv4")(x))
         return x.reshape(x.shape[0], -1)
 
@@ -250,13 +253,15 @@ class _LatentImageModel(nn.Module):
     activation: str = "elu"
     deconv_impl: str = "taps"
     kernels: str = "xla_cpu"
+    bn_epsilon: float = 1e-5
 
     def _decoder(self) -> ConvDecoder:
         return ConvDecoder(ngf=self.ngf, nc=self.nc, activation=self.activation, deconv_impl=self.deconv_impl,
-                           kernels=self.kernels)
+                           kernels=self.kernels, bn_epsilon=self.bn_epsilon)
 
     def _encoder(self) -> ConvEncoder:
-        return ConvEncoder(nz=self.nz, ngf=self.ngf, activation=self.activation, kernels=self.kernels)
+        return ConvEncoder(nz=self.nz, ngf=self.ngf, activation=self.activation, kernels=self.kernels,
+                           bn_epsilon=self.bn_epsilon)
 
     def decode(self, z: jax.Array) -> jax.Array:
         return self.decoder(z)

@@ -137,11 +137,13 @@ def _origin_model_step(config: Config, fit: origin.Fit, params, state, batch, rn
     """`origin.origin_step` with the config's variants, for every origin-step model (GON-SPEC 4.1-4.4, 9).
 
     z0 is the origin, or params[ORIGIN_PARAM] for every example (learned origin), plus N(0, sigma^2) noise for
-    the latent-init ablation; then config.latent_updates updates of step config.latent_step_size.
+    the latent-init ablation, drawn for every example (config.latent_noise "example", the spec's) or once for the
+    batch ("batch"); then config.latent_updates updates of step config.latent_step_size.
     """
     rng_z0, rng_fit = _origin_keys(rng)
     batch_size, dtype = batch.shape[0], batch.dtype
-    z0 = origin.initial_latent(rng_z0, (batch_size, nz), config.latent_sigma, dtype)
+    rows = 1 if config.latent_noise == "batch" else batch_size
+    z0 = jnp.broadcast_to(origin.initial_latent(rng_z0, (rows, nz), config.latent_sigma, dtype), (batch_size, nz))
     if ORIGIN_PARAM in params:
         z0 = z0 + params[ORIGIN_PARAM].astype(dtype)
     return origin.origin_step(fit, module_params(params), state, batch, rng_fit, z0, detach=config.detach,
@@ -185,11 +187,16 @@ def _latent_of(apply):
     return encode
 
 
+def _conv_fields(config: Config, nc: int) -> dict[str, Any]:
+    """The conv decoder's (and encoder's) fields from the config: widths, activation, kernels, BN eps."""
+    return {"ngf": config.ngf, "nc": nc, "activation": config.activation, "deconv_impl": config.deconv_impl,
+            "kernels": config.kernels, "bn_epsilon": config.bn_epsilon}
+
+
 def gon(config: Config, nc: int) -> Model:
     """GON (GON-SPEC 4.1), detached GON (4.2), the latent-init ablation (9) and the variants of docs/spec.md
     ("Variants"), on the conv decoder."""
-    decoder = ConvDecoder(ngf=config.ngf, nc=nc, activation=config.activation, deconv_impl=config.deconv_impl,
-                          kernels=config.kernels)
+    decoder = ConvDecoder(**_conv_fields(config, nc))
     nz = config.nz
 
     def decode(params, batch_stats, z, batch_size, stats):
@@ -228,7 +235,8 @@ def _origin_fits(config: Config, decode, spec_loss, pointwise: origin.Pointwise 
     if config.loss == "peer_bce":
         outer_loss, inner_loss = losses.peer_outer_bce, losses.peer_inner_bce
     inner = origin.OriginShortcut(decode, inner_loss, pointwise)
-    shortcut = inner if config.origin_shortcut and config.latent_sigma == 0.0 else None
+    shared_start = config.latent_sigma == 0.0 or config.latent_noise == "batch"  # every row of z0 equal
+    shortcut = inner if config.origin_shortcut and shared_start else None
     return origin.OriginShortcut(decode, outer_loss).fit, inner.fit, shortcut
 
 
@@ -246,8 +254,7 @@ def vgon_noise(rng: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> tup
 
 def vgon(config: Config, nc: int) -> Model:
     """Variational GON (GON-SPEC 2.3, 4.3): the origin step on BCE + KLD, fresh noise in each pass."""
-    function = VariationalGONFunction(nz=config.nz, ngf=config.ngf, nc=nc, activation=config.activation,
-                                      deconv_impl=config.deconv_impl, kernels=config.kernels)
+    function = VariationalGONFunction(nz=config.nz, **_conv_fields(config, nc))
     nz = config.nz
 
     def apply(params, batch_stats, images, rng, step=0):
@@ -287,8 +294,7 @@ def _heads(module, h):
 
 def ae(config: Config, nc: int) -> Model:
     """Conv autoencoder baseline (GON-SPEC 2.2, 4.5): the GON loss on Dec(Enc(x))."""
-    module = ConvAutoencoder(nz=config.nz, ngf=config.ngf, nc=nc, activation=config.activation,
-                             deconv_impl=config.deconv_impl, kernels=config.kernels)
+    module = ConvAutoencoder(nz=config.nz, **_conv_fields(config, nc))
 
     def apply(params, batch_stats, images, rng, step=0):
         check_images(images, nc, 32, config.run_name)
@@ -311,8 +317,7 @@ def vae_noise(rng: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.
 
 def vae(config: Config, nc: int) -> Model:
     """VAE baseline (GON-SPEC 2.2, 4.5): BCE + KLD with the encoder's mu and logvar, eps drawn on every call."""
-    module = ConvVAE(nz=config.nz, ngf=config.ngf, nc=nc, activation=config.activation,
-                     deconv_impl=config.deconv_impl, kernels=config.kernels)
+    module = ConvVAE(nz=config.nz, **_conv_fields(config, nc))
     nz = config.nz
 
     def apply(params, batch_stats, images, rng, step=0):

@@ -34,14 +34,15 @@ def elu(x):
     return np.where(x > 0, x, np.expm1(np.minimum(x, 0)))
 
 
-def decoder(params: dict, z: np.ndarray) -> np.ndarray:
-    """GON-SPEC 2.1 decoder in float64, reading flax-layout params (converted to PyTorch's layout here)."""
+def decoder(params: dict, z: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """GON-SPEC 2.1 decoder in float64, reading flax-layout params (converted to PyTorch's layout here); `eps`:
+    batch norm's."""
     x = np.asarray(z, np.float64)[:, None, None, :]
     for i, (stride, padding) in enumerate([(1, 0), (2, 1), (2, 1)], start=1):
         layer = params[f"deconv{i}"]
         x = conv_transpose(x, flax_to_torch_deconv(layer["kernel"]), np.asarray(layer["bias"]), stride, padding)
         bn = params[f"bn{i}"]
-        x = elu(batch_norm(x, np.asarray(bn["scale"]), np.asarray(bn["bias"])))
+        x = elu(batch_norm(x, np.asarray(bn["scale"]), np.asarray(bn["bias"]), eps))
     layer = params["deconv4"]
     x = conv_transpose(x, flax_to_torch_deconv(layer["kernel"]), np.asarray(layer["bias"]), 2, 1)
     return 1.0 / (1.0 + np.exp(-x))

@@ -115,7 +115,8 @@ def test_variant_defaults_are_the_spec_and_old_configs_load(tmp_path):
     assert (config.latent_updates, config.latent_step_size, config.learn_origin, config.loss) == (1, 1.0, False, "spec")
     old = json.loads(config.to_json())
     for name in ("latent_updates", "latent_step_size", "learn_origin", "loss", "position_encoding",
-                 "fourier_features", "fourier_sigma", "nerf_frequencies", "modulation", "eval_every"):
+                 "fourier_features", "fourier_sigma", "nerf_frequencies", "modulation", "eval_every",
+                 "latent_noise", "bn_epsilon"):
         del old[name]
     (tmp_path / "config.json").write_text(json.dumps(old))
     assert Config.load(tmp_path / "config.json") == config

@@ -1,7 +1,6 @@
 """Data (GON-SPEC 6): TFDS builders on the official files in ../shared/data and on synthetic official-format
 files, preprocessing against independent references, batching."""
 import gzip
-import hashlib
 import pickle
 import sys
 import tarfile
@@ -49,12 +48,9 @@ def test_official_idx_datasets_through_tfds(name, shared_data, tfds_dir):
     for split, prefix, count in (("train", "train", 60_000), ("test", "t10k", 10_000)):
         images = input_pipeline.read_split(builder, split)
         assert images.shape == (count, 28, 28, 1) and images.dtype == np.uint8
-        # Same multiset of images as the official file (TFDS stores examples in its own fixed order).
+        # The official file's images in the file's order (the first test batch is J's: 7, 2, 1, 0, ... on MNIST).
         raw = _raw_idx(shared_data / name / f"{prefix}-images-idx3-ubyte.gz").reshape(count, -1)
-        digest = lambda rows: sorted(hashlib.sha1(r.tobytes()).hexdigest() for r in rows)
-        assert digest(images.reshape(count, -1)) == digest(raw)
-        # Fixed order: reading again gives the same order.
-        np.testing.assert_array_equal(input_pipeline.read_split(builder, split)[:100], images[:100])
+        np.testing.assert_array_equal(images.reshape(count, -1), raw)
 
 
 def test_mnist_resize_to_32_matches_bilinear_reference(shared_data, tfds_dir):
@@ -135,10 +131,10 @@ def test_cifar10_builder_on_synthetic_official_files(tmp_path, layout):
                 pickle.dump({b"data": data, b"labels": [int(x) for x in labels]}, f)
     dataset = input_pipeline.load_dataset("cifar10", 32, tmp_path / "tfds", tmp_path / "manual")
     assert dataset.train.shape == (15, 32, 32, 3) and dataset.test.shape == (3, 32, 32, 3)
-    digest = lambda a: sorted(x.tobytes() for x in a)
+    # The official batches' images in their order: data_batch_1 to 5, then test_batch.
     train_expected = np.concatenate([expected[f"data_batch_{i}"] for i in range(1, 6)])
-    assert digest((dataset.train * 255).round().astype(np.uint8)) == digest(train_expected)
-    assert digest((dataset.test * 255).round().astype(np.uint8)) == digest(expected["test_batch"])
+    np.testing.assert_array_equal((dataset.train * 255).round().astype(np.uint8), train_expected)
+    np.testing.assert_array_equal((dataset.test * 255).round().astype(np.uint8), expected["test_batch"])
 
 
 def test_cifar10_archive_with_wrong_checksum_is_a_clear_error(tmp_path):

@@ -140,6 +140,44 @@ def test_latent_init_ablation_adds_z0_back(sigma):
         np.testing.assert_allclose(np.asarray(result.latent), np.asarray(z0) - grad, rtol=1e-6, atol=1e-10)
 
 
+def test_a_start_shared_by_the_batch_takes_the_shortcut_and_adds_z0_back():
+    """latent_noise "batch": one z0 ~ N(0, sigma^2) for every example. The shortcut (one example's inner pass) is
+    then exact, so loss and gradients equal those of the batched inner pass; the latent is z0 - grad L(z0) with
+    grad by finite differences; and the start is not the origin's (BN's statistics over the 4x4 positions do not
+    remove a shared shift), nor a per-example draw's."""
+    with jax.enable_x64(True):
+        _, params, batch_stats, images = _setup(4)
+        numpy_params = jax.tree_util.tree_map(np.asarray, params)
+
+        def run(**settings):
+            model = build_model(Config(ngf=NGF, nz=NZ, **settings), nc=1)
+            (loss, (_, out)), grads = jax.value_and_grad(model.apply, has_aux=True)(
+                params, batch_stats, images, jax.random.PRNGKey(5))
+            return float(loss), np.asarray(out.latent), grads
+
+        shared = dict(latent_sigma=0.5, latent_noise="batch")
+        loss_s, latent_s, grads_s = run(**shared)
+        loss_b, latent_b, grads_b = run(**shared, origin_shortcut=False)
+        np.testing.assert_allclose(latent_s, latent_b, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(loss_s, loss_b, rtol=1e-9)
+        for a, b in zip(jax.tree_util.tree_leaves(grads_s), jax.tree_util.tree_leaves(grads_b)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-7, atol=1e-12)
+        # z = z0 - grad L(z0) with z0's rows equal: solve for z0 by fixed point on the finite-difference gradient.
+        z0 = latent_s + np.asarray(reference.finite_difference_grad(
+            lambda z: reference.gon_inner_loss(numpy_params, z, np.asarray(images)), np.zeros_like(latent_s),
+            h=1e-6))  # a first guess: the origin's gradient
+        for _ in range(3):
+            z0_row = z0.mean(axis=0, keepdims=True).repeat(B, 0)
+            grad = reference.finite_difference_grad(
+                lambda z: reference.gon_inner_loss(numpy_params, z, np.asarray(images)), z0_row, h=1e-6)
+            z0 = latent_s + grad
+        np.testing.assert_allclose(z0, np.broadcast_to(z0[:1], z0.shape), rtol=1e-5, atol=1e-8)
+        assert 0.1 < float(np.abs(z0).max()) < 2.5  # a sigma = 0.5 draw
+        loss_0, _, _ = run()
+        loss_e, _, _ = run(latent_sigma=0.5, latent_noise="example")
+        assert abs(loss_s / loss_0 - 1) > 1e-3 and abs(loss_s / loss_e - 1) > 1e-3
+
+
 def test_inner_and_outer_passes_get_independent_keys():
     seen = []
 

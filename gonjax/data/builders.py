@@ -9,7 +9,9 @@ Offline, TFDS finds each official file by name in the `manual_dir` of the `Downl
 and sha256 before use (CIFAR-10 also accepts an already extracted `cifar-10-batches-bin/` or
 `cifar-10-batches-py/` folder, and COIL-20 the extracted `coil-20-proc/` folder).
 
-Images are stored at their native resolution; resizing for the conv models happens in `input_pipeline`.
+Images are stored at their native resolution; resizing for the conv models happens in `input_pipeline`. MNIST,
+Fashion-MNIST and CIFAR-10 are stored in the official files' order (version 1.1.0), COIL-20 in TFDS's order of its
+split.
 """
 from __future__ import annotations
 
@@ -24,6 +26,12 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 _VERSION = tfds.core.Version("1.0.0")
+# MNIST, Fashion-MNIST and CIFAR-10 keep the official files' order (TFDS would otherwise store examples in an order
+# hashed from their keys): the test split's first batch is then the first 64 images of the official test file, the
+# batch J's pictures show (7, 2, 1, 0, 4, ... on MNIST). 1.0.0 stored them hashed.
+_OFFICIAL_ORDER_VERSION = tfds.core.Version("1.1.0")
+_OFFICIAL_ORDER_NOTES = {"1.1.0": "Examples in the official files' order (disable_shuffling).",
+                         "1.0.0": "Examples in TFDS's hashed order."}
 
 
 def _manual_dir(dl_manager) -> epath.Path | None:
@@ -52,9 +60,10 @@ def read_idx(path) -> np.ndarray:
 
 
 class _IdxImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """MNIST-format dataset: 28x28 grey images and labels in four official IDX files."""
+    """MNIST-format dataset: 28x28 grey images and labels in four official IDX files, in the files' order."""
 
-    VERSION = _VERSION
+    VERSION = _OFFICIAL_ORDER_VERSION
+    RELEASE_NOTES = _OFFICIAL_ORDER_NOTES
     URL_BASE = ""
     HOMEPAGE = ""
     FILES = {
@@ -87,6 +96,7 @@ class _IdxImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             }),
             supervised_keys=("image", "label"),
             homepage=self.HOMEPAGE,
+            disable_shuffling=True,  # stored in key order: the index in the official file
         )
 
     def _split_generators(self, dl_manager):
@@ -151,10 +161,11 @@ def read_cifar10_folder(folder, batches: list[str]) -> tuple[np.ndarray, np.ndar
 
 
 class GonCifar10(tfds.core.GeneratorBasedBuilder):
-    """CIFAR-10 (50k/10k) from the official binary archive, TensorFlow-free."""
+    """CIFAR-10 (50k/10k) from the official binary archive, TensorFlow-free, in the files' order."""
 
     name = "gon_cifar10"
-    VERSION = _VERSION
+    VERSION = _OFFICIAL_ORDER_VERSION
+    RELEASE_NOTES = _OFFICIAL_ORDER_NOTES
     URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
     FOLDERS = ("cifar-10-batches-bin", "cifar-10-batches-py")
 
@@ -180,6 +191,7 @@ class GonCifar10(tfds.core.GeneratorBasedBuilder):
             }),
             supervised_keys=("image", "label"),
             homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
+            disable_shuffling=True,  # stored in key order: the index over the official batches
         )
 
     def _split_generators(self, dl_manager):

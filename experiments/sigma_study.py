@@ -1,0 +1,205 @@
+"""The sigma = 0.01 sensitivity study (GON-SPEC 9): which detail of a noisy latent start moves GON (16, 256)'s
+MNIST learning curve at sigma = 0.01, each variant changing one thing against the ablation's own settings.
+
+    python -m experiments.sigma_study --results RESULTS --manual-dir ../shared/data      # train, then report
+    python -m experiments.sigma_study --results RESULTS --out docs/results --report      # the report only
+
+Each variant trains an ordinary run folder RESULTS/sigma_study/<variant>/ (resumable: rerun to continue) for
+--epochs epochs, evaluating on the first --eval-batches batches of each split (the study reads the training
+loss averaged over each epoch's steps, `mean_step_loss`, which every step contributes to). The report writes
+OUT/SIGMA_STUDY.md (each variant's loss at a few epochs and its ratio to the spec's run at the same epoch),
+OUT/sigma_study.png, and copies each run's metrics and config to OUT/runs/sigma_study/<variant>/.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from experiments import cli, suite
+from gonjax import files
+from gonjax.config import Config
+from gonjax.errors import DataError, DivergedError, RunInUseError, UsageError
+
+PROG = "python -m experiments.sigma_study"
+STUDY = "sigma_study"  # the folder under --results and under OUT/runs
+METRIC = "mean_step_loss"  # per-pixel training loss averaged over the epoch's steps (GON-SPEC 4.1, 9)
+SIGMA = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    label: str
+    settings: dict  # Config fields changed from the ablation's GON (16, 256), MNIST, sigma = 0.01, seed 0
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("spec", "the ablation's settings (seed 0)", {}),
+    Variant("seed_1", "seed 1", {"seed": 1}),
+    Variant("seed_2", "seed 2", {"seed": 2}),
+    Variant("shared_z0", "one z0 for the whole batch", {"latent_noise": "batch"}),
+    Variant("batch_128", "batch 128 (half the latent's 1/B factor)", {"batch_size": 128}),
+    Variant("batch_32", "batch 32 (twice the latent's 1/B factor)", {"batch_size": 32}),
+    Variant("sigma_0.02", "sigma 0.02", {"latent_sigma": 0.02}),
+    Variant("sigma_0.005", "sigma 0.005", {"latent_sigma": 0.005}),
+    Variant("eps_1e-3", "BN eps 1e-3", {"bn_epsilon": 1e-3}),
+    Variant("eps_1e-7", "BN eps 1e-7", {"bn_epsilon": 1e-7}),
+)
+NAMES = tuple(v.name for v in VARIANTS)
+REPORT_EPOCHS = (1, 2, 5, 10)
+
+
+def variant_config(variant: Variant, epochs: int, eval_batches: int, **data_flags) -> Config:
+    settings = {"latent_sigma": SIGMA, **variant.settings}
+    return Config(model="gon", dataset="mnist", epochs=epochs, eval_batches=eval_batches, **settings,
+                  **data_flags).validate()
+
+
+def curve(run: Path) -> dict[int, float]:
+    """{epoch: mean training loss of that epoch's steps} of a run folder (or its archived copy)."""
+    return {int(r["epoch"]): r[METRIC] for r in suite.epoch_records(suite.read_records(run), float("inf"))
+            if METRIC in r}
+
+
+def train(variants, results: Path, epochs: int, eval_batches: int, data_flags: dict) -> int:
+    """Train each variant to `epochs`, one after the other; returns how many failed."""
+    from gonjax.train import train_and_evaluate
+
+    failures = 0
+    for index, variant in enumerate(variants, 1):
+        folder = results / STUDY / variant.name
+        print(f"[{index}/{len(variants)}] {folder}: {variant.label}, to epoch {epochs}", flush=True)
+        try:
+            train_and_evaluate(variant_config(variant, epochs, eval_batches, **data_flags), folder,
+                               should_stop=cli.STOP.is_set)
+        except RunInUseError as error:
+            print(f"{PROG}: {folder}: skipped, in use by {error.holder}", file=sys.stderr, flush=True)
+        except (DivergedError, UsageError, DataError) as error:
+            print(f"{PROG}: {folder}: {error}", file=sys.stderr, flush=True)
+            failures += 1
+    return failures
+
+
+def read_study(results: Path, archive: Path | None) -> dict[str, dict[int, float]]:
+    """Each variant's curve from its run folder, or from the archive where that reached a later epoch."""
+    curves = {}
+    for variant in VARIANTS:
+        candidates = [curve(results / STUDY / variant.name)]
+        if archive is not None:
+            candidates.append(curve(archive / STUDY / variant.name))
+        best = max(candidates, key=lambda c: max(c, default=-1))
+        if best:
+            curves[variant.name] = best
+    return curves
+
+
+def archive_runs(results: Path, archive: Path) -> None:
+    """Copy each run's metrics and config to archive/sigma_study/<variant>/ unless the copy there is further."""
+    for variant in VARIANTS:
+        source, target = results / STUDY / variant.name, archive / STUDY / variant.name
+        fresh, kept = curve(source), curve(target)
+        if not fresh or max(kept, default=-1) > max(fresh):
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        for name in suite.ARCHIVED_FILES:
+            if (source / name).is_file():
+                files.write_atomic(target / name, (source / name).read_text())
+
+
+def report_markdown(curves: dict[str, dict[int, float]]) -> str:
+    spec = curves.get("spec", {})
+    epochs = [e for e in REPORT_EPOCHS if any(e in c for c in curves.values())]
+    lines = ["# The sigma = 0.01 sensitivity study", "",
+             f"GON (16, 256), MNIST, latent start z0 ~ N(0, {SIGMA}^2) (GON-SPEC 9); each variant changes one "
+             "setting of the ablation's run. Training loss per pixel averaged over each epoch's steps; in "
+             "brackets its ratio to the spec's run (seed 0) at the same epoch. Written by "
+             f"`{PROG} --report`; commentary in README.md.", "",
+             "| variant | " + " | ".join(f"epoch {e}" for e in epochs) + " |",
+             "|---|" + "---|" * len(epochs)]
+    for variant in VARIANTS:
+        mine = curves.get(variant.name)
+        if not mine:
+            lines.append(f"| {variant.label} | " + " | ".join("not run" for _ in epochs) + " |")
+            continue
+        cells = []
+        for e in epochs:
+            if e not in mine:
+                cells.append("")
+            elif variant.name == "spec" or e not in spec:
+                cells.append(f"{mine[e]:.4g}")
+            else:
+                cells.append(f"{mine[e]:.4g} ({mine[e] / spec[e]:.2f})")
+        lines.append(f"| {variant.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def save_figure(path: Path, curves: dict[str, dict[int, float]]) -> None:
+    from matplotlib.figure import Figure
+
+    from experiments.figures import plain_axis
+
+    fig = Figure(figsize=(8.4, 4.4), dpi=100)
+    ax = fig.subplots()
+    labels = {v.name: v.label for v in VARIANTS}
+    for index, (name, points) in enumerate(curves.items()):
+        epochs = sorted(points)
+        ax.plot(epochs, [points[e] for e in epochs], lw=2.2 if name == "spec" else 1.2, color=f"C{index % 10}",
+                ls=("-", "--", "-.", ":")[index // 10 % 4], label=labels[name])
+    plain_axis(ax)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss per pixel (mean over the epoch's steps)")
+    ax.set_title(f"GON (16, 256), MNIST, sigma = {SIGMA}: one setting changed per curve", fontsize=10)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def write_report(results: Path, out: Path) -> None:
+    archive = out / suite.ARCHIVE if out.resolve() != results.resolve() else None
+    if archive is not None:
+        archive_runs(results, archive)
+    curves = read_study(results, archive)
+    out.mkdir(parents=True, exist_ok=True)
+    files.write_atomic(out / "SIGMA_STUDY.md", report_markdown(curves))
+    if curves:
+        with files.atomic_output(out / "sigma_study.png") as partial:
+            save_figure(partial, curves)
+    print(f"wrote {out / 'SIGMA_STUDY.md'}", flush=True)
+
+
+def main(argv=None) -> int:
+    parser = cli.OneLineParser(prog=PROG, description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--results", type=Path, default=Path("results"), help="folder of the run folders")
+    parser.add_argument("--out", type=Path, default=None, help="where the report goes (default: --results)")
+    parser.add_argument("--variants", type=lambda s: s.split(","), default=list(NAMES),
+                        help=f"comma-separated variants (default: all; {', '.join(NAMES)})")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs of every variant")
+    parser.add_argument("--eval-batches", type=int, default=20, help="batches of each split per evaluation")
+    parser.add_argument("--report", action="store_true", help="rebuild the report only; train nothing")
+    parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's own)")
+    parser.add_argument("--manual-dir", default=None, help="folder of official dataset files, to prepare offline")
+    args = parser.parse_args(argv)
+
+    failed = []
+
+    def run():
+        unknown = [name for name in args.variants if name not in NAMES]
+        if unknown:
+            raise UsageError(f"unknown variant {unknown[0]!r}; choose from {', '.join(NAMES)}")
+        if args.epochs < 1 or args.eval_batches < 1:
+            raise UsageError("--epochs and --eval-batches must be at least 1")
+        out = args.out or args.results
+        failures = 0
+        if not args.report:
+            data_flags = {"data_dir": args.data_dir, "manual_dir": args.manual_dir}
+            chosen = [v for v in VARIANTS if v.name in args.variants]
+            failures = train(chosen, args.results, args.epochs, args.eval_batches, data_flags)
+        write_report(args.results, out)
+        failed.append(failures)
+
+    return cli.report_errors(PROG, run) or (1 if any(failed) else 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
