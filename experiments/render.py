@@ -38,7 +38,7 @@ def main(argv=None) -> int:
 
     def draw():
         run = load_run(args.workdir)
-        config, model, state, data_info = with_data_overrides(run.config, args), run.model, run.state, run.data_info
+        config, model, state = with_data_overrides(run.config, args), run.model, run.state
         if model.render is None:
             raise UsageError(f"{config.run_name} is not a function of coordinates; render needs an Implicit GON run")
         if args.resolution < 2 or not 1 <= args.n <= config.batch_size:
@@ -49,28 +49,10 @@ def main(argv=None) -> int:
         bank = render.bank_latents(state, model)
         if len(bank) < 2:
             raise UsageError("the run has not trained long enough to fit a Gaussian to its latents; train it on")
-        columns = math.ceil(math.sqrt(args.n))
-        side = columns * (args.resolution + 1) + 1
-        channels = data_info["image_shape"][-1]
-        resources.require_memory(args.n * args.resolution**2 * channels * 4 + side**2 * channels,
-                                 f"--resolution {args.resolution} for --n {args.n} images",
-                                 "lower --resolution or --n")
-
+        _require_memory(args.n, args.resolution, run.data_info["image_shape"][-1])
         data = input_pipeline.load_dataset(config.dataset, model.image_size, config.data_dir, config.manual_dir)
-        # Latents as in evaluation, in batches of the run's batch size (the inner loss averages over its batch), as
-        # many as the slerp grid's 64 (GON-SPEC 4.6) need: one batch of 64, or several of a smaller batch size.
-        count = math.ceil(render.SLERP_LATENTS / config.batch_size) * config.batch_size
-        if count > len(data.test):
-            raise UsageError(f"the slerp grid needs {count} test images (batches of {config.batch_size}); "
-                             f"{config.dataset} has {len(data.test)}")
-        encode = xla.jit(model.apply)
-
-        def latents_of(images):
-            _, (_, output) = encode(state.params, state.batch_stats, images, jax.random.PRNGKey(0))
-            return np.asarray(output.latent)
-
-        latents = np.concatenate([latents_of(images) for images in
-                                  input_pipeline.eval_batches(data.test[:count], config.batch_size)])
+        # As many latents as the slerp grid's 64 (GON-SPEC 4.6) need: one batch of 64, or several smaller ones.
+        latents = test_latents(config, model, state, data.test, render.SLERP_LATENTS)
         batch = data.test[:config.batch_size]
         out.parent.mkdir(parents=True, exist_ok=True)
         with files.atomic_output(out, folder=True) as partial:  # the folder appears complete, or not at all
@@ -80,21 +62,77 @@ def main(argv=None) -> int:
     return report_errors(prog, draw)
 
 
+def _require_memory(n: int, resolution: int, channels: int) -> None:
+    columns = math.ceil(math.sqrt(n))
+    side = columns * (resolution + 1) + 1
+    resources.require_memory(n * resolution**2 * channels * 4 + side**2 * channels,
+                             f"--resolution {resolution} for --n {n} images", "lower --resolution or --n")
+
+
+def test_latents(config, model, state, test_images: np.ndarray, count: int) -> np.ndarray:
+    """The latents of the first `count` test images (at least), reached as in evaluation: in batches of the
+    run's batch size from its first, the batch J's pictures show (the inner loss averages over its batch)."""
+    count = math.ceil(count / config.batch_size) * config.batch_size
+    if count > len(test_images):
+        raise UsageError(f"{count} test images are needed (batches of {config.batch_size}); {config.dataset} has "
+                         f"{len(test_images)}")
+    encode = xla.jit(model.apply)
+
+    def latents_of(images):
+        _, (_, output) = encode(state.params, state.batch_stats, images, jax.random.PRNGKey(0))
+        return np.asarray(output.latent)
+
+    return np.concatenate([latents_of(images) for images in
+                           input_pipeline.eval_batches(test_images[:count], config.batch_size)])
+
+
+def superres_grids(model, state, images: np.ndarray, latents: np.ndarray, resolution: int,
+                   should_stop=None) -> tuple[list[np.ndarray], list[str]]:
+    """Test images beside their renders at the native size, 64 and min(resolution, 256), as grids with titles."""
+    columns = math.ceil(math.sqrt(len(images)))
+    sizes = list(dict.fromkeys([model.image_size, 64, min(resolution, FIGURE_SIDE)]))
+    renders = [render.render(model, state.params, latents, s, should_stop=should_stop, state=state.batch_stats)
+               for s in sizes]
+    return ([plots.image_grid(images, columns)] + [plots.image_grid(r, columns) for r in renders],
+            ["test images"] + [f"{s}x{s}" for s in sizes])
+
+
+SUPERRES_N = 16  # test images in a run's superres_<epoch>.png
+
+
+def draw_run_superres(workdir) -> Path | None:
+    """workdir/superres_<epoch>.png from the run's latest checkpoint: its first SUPERRES_N test images beside
+    their renders at the native size, 64x64 and 256x256 (GON-SPEC 4.6). Kept when drawn already; None for a run
+    with no checkpoint yet. The results report titles it (experiments.suite.copy_pictures)."""
+    workdir = Path(workdir)
+    if not any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*")):
+        return None
+    run = load_run(workdir)
+    epoch = int(run.state.step) // max(1, run.data_info["train_images"] // run.config.batch_size)
+    target = workdir / f"superres_{epoch}.png"
+    if target.is_file():
+        return target
+    config, model, state = run.config, run.model, run.state
+    data = input_pipeline.load_dataset(config.dataset, model.image_size, config.data_dir, config.manual_dir)
+    latents = test_latents(config, model, state, data.test, SUPERRES_N)[:SUPERRES_N]
+    grids, titles = superres_grids(model, state, data.test[:SUPERRES_N], latents, FIGURE_SIDE)
+    with files.atomic_output(target) as partial:
+        plots.save_grids(partial, grids, titles, scale=1)
+    return target
+
+
 def write_pictures(folder: Path, model, state, batch, latents, bank, args) -> None:
     def draw(latents, resolution):
         return render.render(model, state.params, latents, resolution, should_stop=STOP.is_set,
                              state=state.batch_stats)
 
     size = model.image_size
-    columns = math.ceil(math.sqrt(args.n))
-    full = draw(latents[:args.n], args.resolution)
-    plots.save_image(folder / f"superres_{args.resolution}.png", plots.image_grid(full, columns))
-    sizes = list(dict.fromkeys([size, 64, min(args.resolution, FIGURE_SIDE)]))
-    renders = [full if s == args.resolution else draw(latents[:args.n], s) for s in sizes]
-    del full
-    plots.save_grids(folder / "superres.png",
-                     [plots.image_grid(batch[:args.n], columns)] + [plots.image_grid(r, columns) for r in renders],
-                     ["test images"] + [f"{s}x{s}" for s in sizes], scale=1)
+    grids, titles = superres_grids(model, state, batch[:args.n], latents[:args.n], args.resolution, STOP.is_set)
+    plots.save_grids(folder / "superres.png", grids, titles, scale=1)
+    side = f"{args.resolution}x{args.resolution}"  # the figure's panel at that resolution, where it has one
+    full = grids[titles.index(side)] if side in titles else plots.image_grid(
+        draw(latents[:args.n], args.resolution), math.ceil(math.sqrt(args.n)))
+    plots.save_image(folder / f"superres_{args.resolution}.png", full)
     slerped = draw(render.slerp_grid(latents).astype(np.float32), size)
     plots.save_grids(folder / "slerp.png", [plots.image_grid(slerped)],
                      ["slerp z_k -> z_(32+k) (columns), t = row / 7"])

@@ -13,6 +13,7 @@ OUT/sigma_study.png, and copies each run's metrics and config to OUT/runs/sigma_
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -105,9 +106,49 @@ def archive_runs(results: Path, archive: Path) -> None:
         for name in suite.ARCHIVED_FILES:
             if (source / name).is_file():
                 files.write_atomic(target / name, (source / name).read_text())
+    if (results / STUDY / PRECISION_FILE).is_file():
+        files.write_atomic(archive / STUDY / PRECISION_FILE, (results / STUDY / PRECISION_FILE).read_text())
 
 
-def report_markdown(curves: dict[str, dict[int, float]]) -> str:
+PRECISION_FILE = "precision.json"  # under RESULTS/sigma_study/ (and the archive): precision_check's numbers
+
+
+def precision_check(run_folder: Path, data_dir=None, manual_dir=None) -> dict:
+    """At a run's latest checkpoint, one training batch's loss gradient (all parameters, one vector) computed in
+    float32 against float64 from the same z0 draw, beside its change between two z0 draws in float32: how large
+    float32 rounding is against the noise the start adds to every step."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gonjax.data import input_pipeline
+    from gonjax.runs import load_run
+
+    run = load_run(run_folder)
+    data = input_pipeline.load_dataset(run.config.dataset, run.model.image_size, data_dir, manual_dir)
+    images = data.train[:run.config.batch_size]
+
+    def gradient(dtype, key):
+        cast = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), tree)  # noqa: E731
+        (loss, _), grads = jax.value_and_grad(run.model.apply, has_aux=True)(
+            cast(run.state.params), cast(run.state.batch_stats), jnp.asarray(images, dtype), key)
+        return float(loss), np.concatenate([np.ravel(np.asarray(g, np.float64))
+                                            for g in jax.tree_util.tree_leaves(grads)])
+
+    def relative(a, b):
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    with jax.enable_x64(True):
+        key, other = jax.random.PRNGKey(0), jax.random.PRNGKey(1)
+        loss32, grad32 = gradient(jnp.float32, key)
+        loss64, grad64 = gradient(jnp.float64, key)
+        _, grad_other = gradient(jnp.float32, other)
+    return {"run": run_folder.name, "step": run.step, "loss_float32": loss32, "loss_float64": loss64,
+            "gradient_float32_vs_float64": relative(grad32, grad64),
+            "gradient_between_two_draws": relative(grad_other, grad32)}
+
+
+def report_markdown(curves: dict[str, dict[int, float]], precision: dict | None = None) -> str:
     spec = curves.get("spec", {})
     epochs = [e for e in REPORT_EPOCHS if any(e in c for c in curves.values())]
     lines = ["# The sigma = 0.01 sensitivity study", "",
@@ -131,6 +172,12 @@ def report_markdown(curves: dict[str, dict[int, float]]) -> str:
             else:
                 cells.append(f"{mine[e]:.4g} ({mine[e] / spec[e]:.2f})")
         lines.append(f"| {variant.label} | " + " | ".join(cells) + " |")
+    if precision:
+        lines += ["", f"**float32 against float64** (`{PROG} --precision`): at step {precision['step']} of the "
+                  f"`{precision['run']}` run, one training batch's loss is {precision['loss_float32']:.6g} in float32 "
+                  f"and {precision['loss_float64']:.6g} in float64 from the same z0; the loss gradient (all "
+                  f"parameters) differs between the two by {precision['gradient_float32_vs_float64']:.2g} of its "
+                  f"norm, and between two z0 draws by {precision['gradient_between_two_draws']:.2g}."]
     return "\n".join(lines) + "\n"
 
 
@@ -160,8 +207,10 @@ def write_report(results: Path, out: Path) -> None:
     if archive is not None:
         archive_runs(results, archive)
     curves = read_study(results, archive)
+    precision = next((json.loads(f.read_text()) for f in (results / STUDY / PRECISION_FILE,
+                      (archive or results) / STUDY / PRECISION_FILE) if f.is_file()), None)
     out.mkdir(parents=True, exist_ok=True)
-    files.write_atomic(out / "SIGMA_STUDY.md", report_markdown(curves))
+    files.write_atomic(out / "SIGMA_STUDY.md", report_markdown(curves, precision))
     if curves:
         with files.atomic_output(out / "sigma_study.png") as partial:
             save_figure(partial, curves)
@@ -177,6 +226,8 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=10, help="epochs of every variant")
     parser.add_argument("--eval-batches", type=int, default=20, help="batches of each split per evaluation")
     parser.add_argument("--report", action="store_true", help="rebuild the report only; train nothing")
+    parser.add_argument("--precision", action="store_true",
+                        help="also compare float32 with float64 gradients at the spec run's latest checkpoint")
     parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's own)")
     parser.add_argument("--manual-dir", default=None, help="folder of official dataset files, to prepare offline")
     args = parser.parse_args(argv)
@@ -195,6 +246,9 @@ def main(argv=None) -> int:
             data_flags = {"data_dir": args.data_dir, "manual_dir": args.manual_dir}
             chosen = [v for v in VARIANTS if v.name in args.variants]
             failures = train(chosen, args.results, args.epochs, args.eval_batches, data_flags)
+        if args.precision:
+            numbers = precision_check(args.results / STUDY / "spec", args.data_dir, args.manual_dir)
+            files.write_atomic(args.results / STUDY / PRECISION_FILE, json.dumps(numbers, indent=2) + "\n")
         write_report(args.results, out)
         failed.append(failures)
 

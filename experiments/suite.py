@@ -33,7 +33,7 @@ from pathlib import Path
 from gonjax import files
 from gonjax.catalog import DATASETS
 from gonjax.config import Config
-from gonjax.errors import UsageError
+from gonjax.errors import GonjaxError, UsageError
 
 TABLES = ("table1", "table2", "table3", "ablations")
 TABLE_TITLES = {
@@ -563,7 +563,8 @@ def report_markdown(summaries: Sequence[Summary], max_epochs: int | None, comman
             if any(s.row.table == table and s.epoch is not None for s in summaries):
                 lines += ["", f"Figure: `{table}.png` (test metric against epoch; J's final value marked). "
                           f"Each started cell's test images beside their reconstructions at the epoch shown (and "
-                          f"prior samples for the variational models): `pictures/{table}_<row>_<dataset>.png`."]
+                          f"prior samples for the variational models, super-resolution renders for the Implicit "
+                          f"GON): `pictures/{table}_<row>_<dataset>[_samples|_superres].png`."]
     far = [s for s in summaries
            if s.status == "finished" and s.difference() and max(map(abs, s.difference())) > DIFFERENCE_FLAG]
     if far:
@@ -616,15 +617,43 @@ def write_report(cells: Sequence[Cell], results: Path, out: Path | None = None, 
         mine = [r for r in read if r.cell.row.table == "ablations" and r.cell.row.group == group and r.curve]
         if mine:
             figures.save_ablation_curves(out / f"ablation_{group}.png", mine, f"Ablation: {group}")
+    draw_superres(summaries, results)
     copy_pictures(summaries, results, out)
     return read
 
 
+def draw_superres(summaries: Sequence[Summary], results: Path) -> list[Path]:
+    """For each Implicit GON cell whose run folder is here, its super-resolution picture at its latest checkpoint
+    (`experiments.render.draw_run_superres`: superres_<epoch>.png, drawn once per checkpointed epoch)."""
+    from experiments.render import draw_run_superres
+
+    drawn = []
+    for summary in summaries:
+        run = Path(results) / summary.results[0].run if summary.results else None
+        if summary.row.model != "implicit_gon" or run is None or not run.is_dir():
+            continue
+        try:
+            picture = draw_run_superres(run)
+        except GonjaxError as error:  # no data here, a damaged checkpoint: the report goes on without it
+            print(f"{run}: no super-resolution picture ({error})", flush=True)
+            continue
+        if picture is not None:
+            drawn.append(picture)
+    return drawn
+
+
+PICTURES = (  # (a run's <kind>_<epoch>.png, the report's suffix, what the title says it shows)
+    ("recon", "", "test images | reconstructions"),
+    ("samples", "_samples", "samples from the prior"),
+    ("superres", "_superres", "test images | renders at their size, 64x64, 256x256"),
+)
+
+
 def copy_pictures(summaries: Sequence[Summary], results: Path, out: Path) -> list[Path]:
     """The run's own pictures at each table cell's epoch, or the latest drawn before it (first seed): the first
-    test batch beside its reconstructions, and prior samples where the model has them, redrawn under a title
-    that says the model, dataset, seed, epoch against the schedule and the test error at that epoch, into
-    out/pictures/<table>_<row>_<dataset>[_samples].png."""
+    test batch beside its reconstructions, prior samples where the model has them and super-resolution renders
+    for the Implicit GON (`PICTURES`), redrawn under a title that says the model, dataset, seed, epoch against
+    the schedule and the test error at that epoch, into out/pictures/<table>_<row>_<dataset>[_<kind>].png."""
     from experiments import figures
 
     copied = []
@@ -637,8 +666,7 @@ def copy_pictures(summaries: Sequence[Summary], results: Path, out: Path) -> lis
             continue
         tests = {epoch: test for epoch, _, test in first.curve}
         metric = UNITS[summary.row.metric]
-        for kind, suffix, what in (("recon", "", "test images | reconstructions"), ("samples", "_samples",
-                                                                                 "samples from the prior")):
+        for kind, suffix, what in PICTURES:
             drawn = [int(p.stem.split("_")[1]) for p in run.glob(f"{kind}_*.png") if p.stem.split("_")[1].isdigit()]
             drawn = [epoch for epoch in drawn if epoch <= summary.epoch]  # runs draw at some epochs only
             epoch = max(drawn, default=summary.epoch)

@@ -57,10 +57,11 @@ class OriginResult(NamedTuple):
 
 
 def initial_latent(rng: jax.Array, shape: tuple[int, ...], sigma: float, dtype=jnp.float32) -> jax.Array:
-    """z0: the origin, or N(0, sigma^2) noise for the latent-initialisation ablation (GON-SPEC 9)."""
+    """z0: the origin, or N(0, sigma^2) noise for the latent-initialisation ablation (GON-SPEC 9). The noise is
+    drawn in float32 whatever `dtype`, so a float64 computation starts from the float32 one's z0."""
     if sigma == 0.0:
         return jnp.zeros(shape, dtype)
-    return sigma * jax.random.normal(rng, shape, dtype)
+    return (sigma * jax.random.normal(rng, shape, jnp.float32)).astype(dtype)
 
 
 def pass_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -178,7 +178,19 @@ def test_implicit_gon_cli_and_render_on_coil20(shared_data, tfds_dir, tmp_path):
     for name in ("superres.png", "slerp.png", "samples.png"):
         with Image.open(out / name) as picture:
             assert picture.size[0] > 200
+    with Image.open(out / "superres_96.png") as picture:  # 16 renders in 4 columns, pixel for pixel
+        assert picture.size == (4 * 97 + 1, 4 * 97 + 1)
     _assert_one_line_error(_run("--workdir", str(workdir), "--resolution", "96", module="render"), "exists")
+
+    # The results report's picture: superres_<epoch>.png in the run folder (step 2 of 72 a epoch: epoch 0),
+    # drawn once per checkpointed epoch.
+    from experiments.render import draw_run_superres
+    drawn = draw_run_superres(workdir)
+    assert drawn == workdir / "superres_0.png"
+    with Image.open(drawn) as picture:
+        assert picture.size[0] > 4 * 257  # the 256x256 panel alone is 4 renders wide
+    stamp = drawn.stat().st_mtime_ns
+    assert draw_run_superres(workdir) == drawn and drawn.stat().st_mtime_ns == stamp
 
 
 def test_killed_run_stops_cleanly_and_resumes(shared_data, tfds_dir, tmp_path):

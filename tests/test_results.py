@@ -216,6 +216,25 @@ def test_write_report_files(fixture_results, tmp_path_factory):
     assert not (out / "table3.png").exists()
 
 
+def test_the_report_titles_the_implicit_gons_super_resolution_picture(tmp_path):
+    """An Implicit GON cell's superres_<epoch>.png (drawn from its checkpoints, experiments.render) goes into the
+    report beside its reconstructions, at the latest epoch drawn; a run without checkpoints draws none."""
+    run = tmp_path / "results/table2/implicit_gon/coil20/seed0"
+    run.mkdir(parents=True)
+    records = [{"epoch": e, "step": 18 * e, "train_mse": 0.1 / (e + 1), "test_mse": 0.2 / (e + 1),
+                "seconds": 10.0 * e, "eval_seconds": 1.0} for e in (0, 20, 40)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for epoch in (20, 40):
+        _grey_png(run / f"recon_{epoch}.png", epoch)
+        _grey_png(run / f"superres_{epoch}.png", 10 * epoch)
+    out = tmp_path / "report"
+    suite.write_report(suite.plan(["table2"], ["coil20"]), tmp_path / "results", out)
+    assert sorted(p.name for p in (out / "pictures").iterdir()) == [
+        "table2_implicit_gon_coil20.png", "table2_implicit_gon_coil20_superres.png"]
+    assert _centre_grey(out / "pictures/table2_implicit_gon_coil20_superres.png") == pytest.approx(0.4, abs=0.01)
+    assert sorted(p.name for p in run.glob("superres_*.png")) == ["superres_20.png", "superres_40.png"]
+
+
 def test_plans_models_and_inference_import_no_tfds_matplotlib_or_tqdm():
     code = ("import sys, gonjax, gonjax.zoo, gonjax.runs, gonjax.steps, gonjax.catalog, experiments.suite; "
             "gonjax.load_run, gonjax.Config, gonjax.build_steps; "
