@@ -244,7 +244,7 @@ def main(argv=None) -> int:
         failures = 0
         if not args.report:
             data_flags = {"data_dir": args.data_dir, "manual_dir": args.manual_dir}
-            chosen = [v for v in VARIANTS if v.name in args.variants]
+            chosen = [next(v for v in VARIANTS if v.name == name) for name in dict.fromkeys(args.variants)]
             failures = train(chosen, args.results, args.epochs, args.eval_batches, data_flags)
         if args.precision:
             numbers = precision_check(args.results / STUDY / "spec", args.data_dir, args.manual_dir)

@@ -650,20 +650,23 @@ PICTURES = (  # (a run's <kind>_<epoch>.png, the report's suffix, what the title
 
 
 def copy_pictures(summaries: Sequence[Summary], results: Path, out: Path) -> list[Path]:
-    """The run's own pictures at each table cell's epoch, or the latest drawn before it (first seed): the first
-    test batch beside its reconstructions, prior samples where the model has them and super-resolution renders
-    for the Implicit GON (`PICTURES`), redrawn under a title that says the model, dataset, seed, epoch against
-    the schedule and the test error at that epoch, into out/pictures/<table>_<row>_<dataset>[_<kind>].png."""
+    """The run's own pictures at each table cell's epoch, or the latest drawn before it (the first seed whose run
+    folder is here): the first test batch beside its reconstructions, prior samples where the model has them and
+    super-resolution renders for the Implicit GON (`PICTURES`), redrawn under a title that says the model,
+    dataset, seed, epoch against the schedule and the test error at that epoch, into
+    out/pictures/<table>_<row>_<dataset>[_<kind>].png."""
     from experiments import figures
 
     copied = []
     for summary in summaries:
         if summary.epoch is None or summary.row.table == "ablations":
             continue
-        first = summary.results[0]
-        run = Path(results) / first.run
-        if not run.is_dir():  # known from the archive or an earlier report only: keep the picture it left
+        # the first seed whose run folder is here (a cell known from the archive or an earlier report only keeps
+        # the picture it left, until a seed trains here again)
+        first = next((r for r in summary.results if (Path(results) / r.run).is_dir()), None)
+        if first is None:
             continue
+        run = Path(results) / first.run
         tests = {epoch: test for epoch, _, test in first.curve}
         metric = UNITS[summary.row.metric]
         for kind, suffix, what in PICTURES:

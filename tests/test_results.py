@@ -235,6 +235,22 @@ def test_the_report_titles_the_implicit_gons_super_resolution_picture(tmp_path):
     assert sorted(p.name for p in run.glob("superres_*.png")) == ["superres_20.png", "superres_40.png"]
 
 
+def test_a_cells_picture_comes_from_a_seed_that_trains_here_when_seed_0_is_archived_only(tmp_path):
+    """Seed 0 finished on a machine since replaced (its metrics archived, its folder gone): the picture comes from
+    seed 1, which trains here, at its own latest drawn epoch; the values stay seed 0's, the finished one."""
+    out, results = tmp_path / "report", tmp_path / "results"
+    _write_run(out / suite.ARCHIVE, "table1/gon/mnist/seed0",
+               [(e, 937 * e, 1.0 / (e + 1), 1.1 / (e + 1), 0.1, 0.1, 10.0 * e, 3.0) for e in (0, 250, 500)])
+    _write_run(results, "table1/gon/mnist/seed1",
+               [(e, 937 * e, 2.0 / (e + 1), 2.2 / (e + 1), 0.1, 0.1, 10.0 * e, 3.0) for e in (0, 10, 20)])
+    _grey_png(results / "table1/gon/mnist/seed1/recon_20.png", 300)
+    read = suite.write_report(suite.plan(["table1"], ["mnist"], ["gon"], seeds=[0, 1]), results, out)
+    assert sorted(p.name for p in (out / "pictures").iterdir()) == ["table1_gon_mnist.png"]
+    assert _centre_grey(out / "pictures/table1_gon_mnist.png") == pytest.approx(0.3, abs=0.01)
+    summary, = suite.summarize([r for r in read if r.cell.row.name == "gon" and r.cell.dataset == "mnist"])
+    assert (summary.epoch, summary.test[0]) == (500, pytest.approx(1.1 / 501))
+
+
 def test_plans_models_and_inference_import_no_tfds_matplotlib_or_tqdm():
     code = ("import sys, gonjax, gonjax.zoo, gonjax.runs, gonjax.steps, gonjax.catalog, experiments.suite; "
             "gonjax.load_run, gonjax.Config, gonjax.build_steps; "
