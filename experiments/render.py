@@ -97,7 +97,7 @@ def superres_grids(model, state, images: np.ndarray, latents: np.ndarray, resolu
             ["test images"] + [f"{s}x{s}" for s in sizes])
 
 
-SUPERRES_N = 16  # test images in a run's superres_<epoch>.png
+SUPERRES_N = 9  # test images in a run's superres_<epoch>.png: 3x3, so that the titled figure fits (plots.FIGURE_LIMIT)
 
 
 def draw_run_superres(workdir) -> Path | None:

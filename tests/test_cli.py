@@ -187,8 +187,8 @@ def test_implicit_gon_cli_and_render_on_coil20(shared_data, tfds_dir, tmp_path):
     from experiments.render import draw_run_superres
     drawn = draw_run_superres(workdir)
     assert drawn == workdir / "superres_0.png"
-    with Image.open(drawn) as picture:
-        assert picture.size[0] > 4 * 257  # the 256x256 panel alone is 4 renders wide
+    with Image.open(drawn) as picture:  # a titled figure: four panels as large as the 256x256 one (3x3 renders)
+        assert picture.size[0] > 4 * (3 * 257 + 1) and picture.size[1] > 3 * 257 + 1
     stamp = drawn.stat().st_mtime_ns
     assert draw_run_superres(workdir) == drawn and drawn.stat().st_mtime_ns == stamp
 
