@@ -253,11 +253,13 @@ class CellResult:
 def cell_result(cell: Cell, results: Path, max_epochs: int | None = None, status: dict | None = None,
                 archive: Path | None = None, earlier: dict | None = None) -> CellResult:
     """Read `cell` from its run folder under `results`, or from the archived copy under `archive` or the earlier
-    report's entry (`earlier`, keyed by `_key`) where one of those reached a later epoch."""
+    report's entry (`earlier`, keyed by `_key`) where one of those reached a later epoch. A cap (`max_epochs`)
+    limits what trains, not what is read: a run that went further (another worker's, uncapped) is read as far as
+    it went, up to the cell's schedule; one stopped at the cap is "capped"."""
     status = status or read_status(results)
     folder = run_folder(cell)
     target = cell.target_epochs(max_epochs)
-    records = max((epoch_records(read_records(Path(source) / folder), target)
+    records = max((epoch_records(read_records(Path(source) / folder), cell.schedule_epochs)
                    for source in (results, archive) if source is not None),
                   key=lambda found: found[-1]["epoch"] if found else -1)
     before = (earlier or {}).get(_key(cell))
@@ -273,7 +275,7 @@ def cell_result(cell: Cell, results: Path, max_epochs: int | None = None, status
     seconds = last.get("seconds", 0.0) + sum(r.get("eval_seconds", 0.0) for r in records)
     if last["epoch"] >= cell.schedule_epochs:
         state = "finished"
-    elif last["epoch"] >= target:
+    elif last["epoch"] == target:
         state = "capped"
     else:
         state = "failed" if str(folder) in status["runs"] else "partial"

@@ -43,7 +43,8 @@ def build_parser():
                              "keeps every run's metrics and each unfinished run's latest checkpoint, and a run "
                              "folder missing from --results resumes from there")
     parser.add_argument("--max-epochs", type=int, default=None,
-                        help="cap every schedule at this many epochs (a quick pass; the report says so)")
+                        help="cap every schedule at this many epochs (a quick pass; the report says so, and reads "
+                             "cells other workers trained further as far as they went)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true",
                       help="list the cells, their epochs and the hours each would take here; train nothing")

@@ -157,6 +157,21 @@ def test_report_reads_cells_seeds_partial_epochs_and_missing_data(fixture_result
     assert "not run" in suite.format_cell(summaries["ae", "mnist"])
 
 
+def test_a_capped_pass_reads_cells_that_went_further_in_full(fixture_results):
+    """A worker capped at 100 epochs shares the results folder with uncapped ones: its report reads their cells as
+    far as they went (GON COIL-20 finished at 500, the AE partial at 212), and only the cell stopped at the cap
+    is capped."""
+    capped = fixture_results / "table1/gon_detached/coil20/seed0"
+    _write_run(fixture_results, "table1/gon_detached/coil20/seed0", [(0, 0, 9.0, 9.0, 0.1, 0.1, 0.0, 1.0),
+                                                                      (100, 1800, 5.0, 6.0, 0.1, 0.1, 90.0, 1.0)])
+    assert capped.is_dir()
+    read = _by_cell(suite.collect(suite.plan(["table1"], ["coil20"], ["gon", "gon_detached", "ae"]),
+                                  fixture_results, max_epochs=100))
+    assert (read["gon", "coil20", 0].status, read["gon", "coil20", 0].epoch) == ("finished", 500)
+    assert (read["gon_detached", "coil20", 0].status, read["gon_detached", "coil20", 0].epoch) == ("capped", 100)
+    assert (read["ae", "coil20", 0].status, read["ae", "coil20", 0].epoch) == ("partial", 212)  # not the cap's
+
+
 def test_a_report_planned_for_another_seed_lists_only_the_seeds_that_exist(fixture_results):
     """A queue started with --seeds 1 writes the report of every cell with seed 1 planned: cells whose runs exist
     keep exactly their seeds (no unstarted seed 1 counted), a cell with none is listed as its planned seed."""
