@@ -109,62 +109,95 @@ def archive_runs(results: Path, archive: Path) -> None:
         for name in suite.ARCHIVED_FILES:
             if (source / name).is_file():
                 files.write_atomic(target / name, (source / name).read_text())
-    if (results / STUDY / PRECISION_FILE).is_file():
-        files.write_atomic(archive / STUDY / PRECISION_FILE, (results / STUDY / PRECISION_FILE).read_text())
+    if (results / STUDY / DIAGNOSTICS_FILE).is_file():
+        files.write_atomic(archive / STUDY / DIAGNOSTICS_FILE, (results / STUDY / DIAGNOSTICS_FILE).read_text())
 
 
-PRECISION_FILE = "precision.json"  # under RESULTS/sigma_study/ (and the archive): precision_check's numbers
+DIAGNOSTICS_FILE = "diagnostics.json"  # under RESULTS/sigma_study/ (and the archive): `diagnose`'s numbers
 
 
-def precision_check(run_folder: Path, data_dir=None, manual_dir=None) -> dict:
-    """At a run's latest checkpoint, one training batch's loss gradient (all parameters, one vector) computed in
-    float32 against float64 from the same z0 draw, beside its change between two z0 draws in float32: how large
-    float32 rounding is against the noise the start adds to every step."""
+def _gradient_vector(run, images, dtype, key):
+    """The loss gradient of one batch with respect to every parameter, as one float64 vector, and the loss."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from gonjax.data import input_pipeline
-    from gonjax.runs import load_run
+    cast = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), tree)  # noqa: E731
+    (loss, _), grads = jax.value_and_grad(run.model.apply, has_aux=True)(
+        cast(run.state.params), cast(run.state.batch_stats), jnp.asarray(images, dtype), key)
+    return float(loss), np.concatenate([np.ravel(np.asarray(g, np.float64)) for g in jax.tree_util.tree_leaves(grads)])
 
-    run = load_run(run_folder)
-    data = input_pipeline.load_dataset(run.config.dataset, run.model.image_size, data_dir, manual_dir)
-    images = data.train[:run.config.batch_size]
 
-    def gradient(dtype, key):
-        cast = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), tree)  # noqa: E731
-        (loss, _), grads = jax.value_and_grad(run.model.apply, has_aux=True)(
-            cast(run.state.params), cast(run.state.batch_stats), jnp.asarray(images, dtype), key)
-        return float(loss), np.concatenate([np.ravel(np.asarray(g, np.float64))
-                                            for g in jax.tree_util.tree_leaves(grads)])
+def precision_check(run, images) -> dict:
+    """One training batch's loss gradient (all parameters) in float32 against float64 from the same z0, beside its
+    change between two z0 draws in float32: how large float32 rounding is against the start's noise."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
 
-    def relative(a, b):
-        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
+    relative = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))  # noqa: E731
     with jax.enable_x64(True):
         key, other = jax.random.PRNGKey(0), jax.random.PRNGKey(1)
-        loss32, grad32 = gradient(jnp.float32, key)
-        loss64, grad64 = gradient(jnp.float64, key)
-        _, grad_other = gradient(jnp.float32, other)
-    return {"run": run_folder.name, "step": run.step, "loss_float32": loss32, "loss_float64": loss64,
+        loss32, grad32 = _gradient_vector(run, images, jnp.float32, key)
+        loss64, grad64 = _gradient_vector(run, images, jnp.float64, key)
+        _, grad_other = _gradient_vector(run, images, jnp.float32, other)
+    return {"run": run.path.name, "step": run.step, "loss_float32": loss32, "loss_float64": loss64,
             "gradient_float32_vs_float64": relative(grad32, grad64),
             "gradient_between_two_draws": relative(grad_other, grad32)}
 
 
-def report_markdown(curves: dict[str, dict[int, float]], precision: dict | None = None) -> str:
+def latent_split(run, images) -> dict:
+    """How the latent z = z0 - grad L(z0) of one test batch splits: the median norm of the gradient part against
+    the median norm of the start z0 (`zoo.latent_start`, the draw the model makes under the same key)."""
+    import jax
+    import numpy as np
+
+    from gonjax import zoo
+
+    key = jax.random.PRNGKey(0)
+    _, (_, output) = run.model.apply(run.state.params, run.state.batch_stats, images, key)
+    start = np.asarray(zoo.latent_start(run.config, run.state.params, key, *np.shape(output.latent)))
+    gradient = start - np.asarray(output.latent)
+    return {"step": run.step, "gradient_norm": float(np.median(np.linalg.norm(gradient, axis=1))),
+            "start_norm": float(np.median(np.linalg.norm(start, axis=1)))}
+
+
+def diagnose(results: Path, data_dir=None, manual_dir=None) -> dict:
+    """At each variant's latest checkpoint, `latent_split` on the first test batch; at the spec run's,
+    `precision_check` on the first training batch."""
+    from gonjax.data import input_pipeline
+    from gonjax.runs import load_run
+
+    numbers = {"latents": {}}
+    data = None
+    for variant in VARIANTS:
+        folder = results / STUDY / variant.name
+        if not any(p.name.isdigit() for p in (folder / "checkpoints").glob("*")):
+            continue
+        run = load_run(folder)
+        if data is None:
+            data = input_pipeline.load_dataset("mnist", run.model.image_size, data_dir, manual_dir)
+        numbers["latents"][variant.name] = latent_split(run, data.test[:run.config.batch_size])
+        if variant.name == "spec":
+            numbers["precision"] = precision_check(run, data.train[:run.config.batch_size])
+    return numbers
+
+
+def report_markdown(curves: dict[str, dict[int, float]], diagnostics: dict | None = None) -> str:
     spec = curves.get("spec", {})
+    latents = (diagnostics or {}).get("latents", {})
     epochs = [e for e in REPORT_EPOCHS if any(e in c for c in curves.values())]
     lines = ["# The sigma = 0.01 sensitivity study", "",
              f"GON (16, 256), MNIST, latent start z0 ~ N(0, {SIGMA}^2) (GON-SPEC 9); each variant changes one "
              "setting of the ablation's run. Training loss per pixel averaged over each epoch's steps; in "
              "brackets its ratio to the spec's run (seed 0) at the same epoch. Written by "
              f"`{PROG} --report`; commentary in README.md.", "",
-             "| variant | " + " | ".join(f"epoch {e}" for e in epochs) + " |",
-             "|---|" + "---|" * len(epochs)]
+             "| variant | " + " | ".join(f"epoch {e}" for e in epochs) + " | \\|grad\\| / \\|z0\\| |",
+             "|---|" + "---|" * (len(epochs) + 1)]
     for variant in VARIANTS:
         mine = curves.get(variant.name)
         if not mine:
-            lines.append(f"| {variant.label} | " + " | ".join("not run" for _ in epochs) + " |")
+            lines.append(f"| {variant.label} | " + " | ".join("not run" for _ in epochs) + " | |")
             continue
         cells = []
         for e in epochs:
@@ -174,9 +207,14 @@ def report_markdown(curves: dict[str, dict[int, float]], precision: dict | None 
                 cells.append(f"{mine[e]:.4g}")
             else:
                 cells.append(f"{mine[e]:.4g} ({mine[e] / spec[e]:.2f})")
+        split = latents.get(variant.name)
+        cells.append(f"{split['gradient_norm'] / split['start_norm']:.2f} (step {split['step']})" if split else "")
         lines.append(f"| {variant.label} | " + " | ".join(cells) + " |")
+    lines += ["", "|grad| / |z0|: the latent z = z0 - grad L(z0) of the first test batch at the run's latest "
+              "checkpoint, the median norm of its gradient part against that of its start (`--diagnose`)."]
+    precision = (diagnostics or {}).get("precision")
     if precision:
-        lines += ["", f"**float32 against float64** (`{PROG} --precision`): at step {precision['step']} of the "
+        lines += ["", f"**float32 against float64** (`--diagnose`): at step {precision['step']} of the "
                   f"`{precision['run']}` run, one training batch's loss is {precision['loss_float32']:.6g} in float32 "
                   f"and {precision['loss_float64']:.6g} in float64 from the same z0; the loss gradient (all "
                   f"parameters) differs between the two by {precision['gradient_float32_vs_float64']:.2g} of its "
@@ -210,10 +248,10 @@ def write_report(results: Path, out: Path) -> None:
     if archive is not None:
         archive_runs(results, archive)
     curves = read_study(results, archive)
-    precision = next((json.loads(f.read_text()) for f in (results / STUDY / PRECISION_FILE,
-                      (archive or results) / STUDY / PRECISION_FILE) if f.is_file()), None)
+    diagnostics = next((json.loads(f.read_text()) for f in (results / STUDY / DIAGNOSTICS_FILE,
+                        (archive or results) / STUDY / DIAGNOSTICS_FILE) if f.is_file()), None)
     out.mkdir(parents=True, exist_ok=True)
-    files.write_atomic(out / "SIGMA_STUDY.md", report_markdown(curves, precision))
+    files.write_atomic(out / "SIGMA_STUDY.md", report_markdown(curves, diagnostics))
     if curves:
         with files.atomic_output(out / "sigma_study.png") as partial:
             save_figure(partial, curves)
@@ -229,8 +267,9 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=10, help="epochs of every variant")
     parser.add_argument("--eval-batches", type=int, default=20, help="batches of each split per evaluation")
     parser.add_argument("--report", action="store_true", help="rebuild the report only; train nothing")
-    parser.add_argument("--precision", action="store_true",
-                        help="also compare float32 with float64 gradients at the spec run's latest checkpoint")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="also measure each run's latent split (|grad| / |z0|) and, at the spec run's latest "
+                             "checkpoint, float32 against float64 gradients")
     parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's own)")
     parser.add_argument("--manual-dir", default=None, help="folder of official dataset files, to prepare offline")
     args = parser.parse_args(argv)
@@ -249,9 +288,9 @@ def main(argv=None) -> int:
             data_flags = {"data_dir": args.data_dir, "manual_dir": args.manual_dir}
             chosen = [next(v for v in VARIANTS if v.name == name) for name in dict.fromkeys(args.variants)]
             failures = train(chosen, args.results, args.epochs, args.eval_batches, data_flags)
-        if args.precision:
-            numbers = precision_check(args.results / STUDY / "spec", args.data_dir, args.manual_dir)
-            files.write_atomic(args.results / STUDY / PRECISION_FILE, json.dumps(numbers, indent=2) + "\n")
+        if args.diagnose:
+            numbers = diagnose(args.results, args.data_dir, args.manual_dir)
+            files.write_atomic(args.results / STUDY / DIAGNOSTICS_FILE, json.dumps(numbers, indent=2) + "\n")
         write_report(args.results, out)
         failed.append(failures)
 

@@ -132,22 +132,24 @@ def _origin_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
     return rng_z0, rng_fit
 
 
+def latent_start(config: Config, params, rng: jax.Array, batch_size: int, nz: int, dtype=jnp.float32) -> jax.Array:
+    """z0 (batch_size, nz) of an origin-step model's step under key `rng` (GON-SPEC 4.1, 9): the origin, or
+    params[ORIGIN_PARAM] for every example (learned origin), plus N(0, sigma^2) noise for the latent-init
+    ablation, drawn for every example (config.latent_noise "example", the spec's) or once for the batch
+    ("batch"). The model's `apply(params, state, images, rng)` starts from exactly this z0."""
+    rows = 1 if config.latent_noise == "batch" else batch_size
+    z0 = origin.initial_latent(_origin_keys(rng)[0], (rows, nz), config.latent_sigma, dtype)
+    z0 = jnp.broadcast_to(z0, (batch_size, nz))
+    return z0 + params[ORIGIN_PARAM].astype(dtype) if ORIGIN_PARAM in params else z0
+
+
 def _origin_model_step(config: Config, fit: origin.Fit, params, state, batch, rng: jax.Array, nz: int, *,
                        shortcut: origin.OriginShortcut | None = None, inner_fit: origin.Fit | None = None):
-    """`origin.origin_step` with the config's variants, for every origin-step model (GON-SPEC 4.1-4.4, 9).
-
-    z0 is the origin, or params[ORIGIN_PARAM] for every example (learned origin), plus N(0, sigma^2) noise for
-    the latent-init ablation, drawn for every example (config.latent_noise "example", the spec's) or once for the
-    batch ("batch"); then config.latent_updates updates of step config.latent_step_size.
-    """
-    rng_z0, rng_fit = _origin_keys(rng)
-    batch_size, dtype = batch.shape[0], batch.dtype
-    rows = 1 if config.latent_noise == "batch" else batch_size
-    z0 = jnp.broadcast_to(origin.initial_latent(rng_z0, (rows, nz), config.latent_sigma, dtype), (batch_size, nz))
-    if ORIGIN_PARAM in params:
-        z0 = z0 + params[ORIGIN_PARAM].astype(dtype)
-    return origin.origin_step(fit, module_params(params), state, batch, rng_fit, z0, detach=config.detach,
-                              shortcut=shortcut, updates=config.latent_updates,
+    """`origin.origin_step` with the config's variants, for every origin-step model (GON-SPEC 4.1-4.4, 9), from
+    `latent_start`'s z0; then config.latent_updates updates of step config.latent_step_size."""
+    z0 = latent_start(config, params, rng, batch.shape[0], nz, batch.dtype)
+    return origin.origin_step(fit, module_params(params), state, batch, _origin_keys(rng)[1], z0,
+                              detach=config.detach, shortcut=shortcut, updates=config.latent_updates,
                               step_size=config.latent_step_size, inner_fit=inner_fit)
 
 

@@ -6,7 +6,7 @@ import pytest
 from jax.test_util import check_grads
 
 import reference
-from gonjax import origin
+from gonjax import origin, zoo
 from gonjax.config import Config
 from gonjax.models import ConvDecoder
 from gonjax.zoo import build_model
@@ -142,9 +142,9 @@ def test_latent_init_ablation_adds_z0_back(sigma):
 
 def test_a_start_shared_by_the_batch_takes_the_shortcut_and_adds_z0_back():
     """latent_noise "batch": one z0 ~ N(0, sigma^2) for every example. The shortcut (one example's inner pass) is
-    then exact, so loss and gradients equal those of the batched inner pass; the latent is z0 - grad L(z0) with
-    grad by finite differences; and the start is not the origin's (BN's statistics over the 4x4 positions do not
-    remove a shared shift), nor a per-example draw's."""
+    then exact, so loss and gradients equal those of the batched inner pass; the latent is z0 - grad L(z0) from
+    `zoo.latent_start`'s z0, with grad by finite differences; and the start is not the origin's (BN's statistics
+    over the 4x4 positions do not remove a shared shift), nor a per-example draw's."""
     with jax.enable_x64(True):
         _, params, batch_stats, images = _setup(4)
         numpy_params = jax.tree_util.tree_map(np.asarray, params)
@@ -162,17 +162,14 @@ def test_a_start_shared_by_the_batch_takes_the_shortcut_and_adds_z0_back():
         np.testing.assert_allclose(loss_s, loss_b, rtol=1e-9)
         for a, b in zip(jax.tree_util.tree_leaves(grads_s), jax.tree_util.tree_leaves(grads_b)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-7, atol=1e-12)
-        # z = z0 - grad L(z0) with z0's rows equal: solve for z0 by fixed point on the finite-difference gradient.
-        z0 = latent_s + np.asarray(reference.finite_difference_grad(
-            lambda z: reference.gon_inner_loss(numpy_params, z, np.asarray(images)), np.zeros_like(latent_s),
-            h=1e-6))  # a first guess: the origin's gradient
-        for _ in range(3):
-            z0_row = z0.mean(axis=0, keepdims=True).repeat(B, 0)
-            grad = reference.finite_difference_grad(
-                lambda z: reference.gon_inner_loss(numpy_params, z, np.asarray(images)), z0_row, h=1e-6)
-            z0 = latent_s + grad
-        np.testing.assert_allclose(z0, np.broadcast_to(z0[:1], z0.shape), rtol=1e-5, atol=1e-8)
+        # z = z0 - grad L(z0) from zoo.latent_start's z0 (the model's draw under that key): one row for all
+        z0 = np.asarray(zoo.latent_start(Config(ngf=NGF, nz=NZ, **shared), params, jax.random.PRNGKey(5), B, NZ,
+                                         jnp.float64))
+        np.testing.assert_array_equal(z0, np.broadcast_to(z0[:1], z0.shape))
         assert 0.1 < float(np.abs(z0).max()) < 2.5  # a sigma = 0.5 draw
+        grad = reference.finite_difference_grad(
+            lambda z: reference.gon_inner_loss(numpy_params, z, np.asarray(images)), z0, h=1e-6)
+        np.testing.assert_allclose(latent_s, z0 - grad, rtol=1e-6, atol=1e-10)
         loss_0, _, _ = run()
         loss_e, _, _ = run(latent_sigma=0.5, latent_noise="example")
         assert abs(loss_s / loss_0 - 1) > 1e-3 and abs(loss_s / loss_e - 1) > 1e-3
