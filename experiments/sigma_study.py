@@ -49,6 +49,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("sigma_0.005", "sigma 0.005", {"latent_sigma": 0.005}),
     Variant("eps_1e-3", "BN eps 1e-3", {"bn_epsilon": 1e-3}),
     Variant("eps_1e-7", "BN eps 1e-7", {"bn_epsilon": 1e-7}),
+    Variant("sigma_0", "control: sigma 0 (the origin)", {"latent_sigma": 0.0}),
+    Variant("sigma_0_batch_128", "control: sigma 0, batch 128", {"latent_sigma": 0.0, "batch_size": 128}),
 )
 NAMES = tuple(v.name for v in VARIANTS)
 REPORT_EPOCHS = (1, 2, 5, 10)
