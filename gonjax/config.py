@@ -262,6 +262,8 @@ class Config:
                                  f"use at least {FLOAT32_TINY:.3g}")
         if self.latent_sigma < 0:
             raise UsageError(f"--latent-sigma must be non-negative, got {self.latent_sigma}")
+        if self.latent_noise == "batch" and self.latent_sigma == 0:
+            raise UsageError("--latent-noise batch draws a start only with --latent-sigma above 0; give both")
         if (self.lr_drop_epoch is None) != (self.lr_drop_to is None):
             raise UsageError("--lr-drop-epoch and --lr-drop-to go together")
         if self.lr_drop_epoch is not None and (self.lr_drop_epoch < 0 or not self.lr_drop_to > 0):

@@ -70,6 +70,10 @@ def test_cli_and_suite_build_the_library_config(model):
     (dict(model="gon", modulation=True), "--modulation applies to implicit_gon, not gon"),
     (dict(model="implicit_gon", position_encoding="spherical"), "--position-encoding must be one of"),
     (dict(model="implicit_gon", position_encoding="fourier", fourier_sigma=0.0), "--fourier-sigma"),
+    (dict(model="gon", latent_noise="batch"), "--latent-noise batch draws a start only with --latent-sigma above 0"),
+    (dict(model="gon", latent_noise="layer"), "--latent-noise must be one of example, batch"),
+    (dict(model="gon", bn_epsilon=0.0), "--bn-epsilon must be a positive number"),
+    (dict(model="implicit_gon", bn_epsilon=1e-3), "--bn-epsilon applies to gon, vgon, ae, vae, not implicit_gon"),
     # Settings a model would silently ignore are refused in the library as on the CLI.
     (dict(model="ae", detach=True), "--detach applies to gon, implicit_gon, not ae"),
     (dict(model="vae", latent_sigma=0.1), "--latent-sigma applies to gon, implicit_gon, not vae"),
