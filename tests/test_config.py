@@ -8,7 +8,7 @@ import pytest
 
 from conftest import REPO
 from experiments import cli
-from experiments import suite
+from experiments import sigma_study, suite
 from gonjax import models, zoo
 from gonjax.catalog import DATASETS
 from gonjax.config import ACTIVATION_NAMES, MODEL_NAMES, Config, flag_name, settings_table
@@ -149,15 +149,22 @@ def test_a_config_json_from_before_the_semantics_resumes_as_the_same_run():
     """Every config.json the committed results archive holds (written before `semantics`, `bce` and the
     unset `ngf` / `loss_reduction` existed) loads, validates, and equals the config the suite builds for its
     cell now: no difference that would refuse to resume it."""
-    archived = sorted((REPO / "docs/results/runs").glob("**/config.json"))
+    archive = REPO / "docs/results/runs"
+    archived = sorted(p for p in archive.glob("**/config.json") if p.relative_to(archive).parts[0] in suite.TABLES)
     assert len(archived) >= 10
     cells = {str(cell.folder): cell for cell in suite.plan(seeds=[0, 1, 2])}
     for path in archived:
         saved = Config.load(path).validate()
-        folder = str(path.parent.relative_to(REPO / "docs/results/runs"))
+        folder = str(path.parent.relative_to(archive))
         now = cells[folder].config(epochs=saved.epochs, eval_every=saved.eval_every,
                                    checkpoint_every=saved.checkpoint_every)
         assert saved.differences(now) == {}, (folder, saved.differences(now))
+    # ... and each run of the sigma study is its variant's config (experiments.sigma_study)
+    variants = {variant.name: variant for variant in sigma_study.VARIANTS}
+    for path in sorted((archive / sigma_study.STUDY).glob("*/config.json")):
+        saved = Config.load(path).validate()
+        now = sigma_study.variant_config(variants[path.parent.name], saved.epochs, saved.eval_batches)
+        assert saved.differences(now) == {}, (path.parent.name, saved.differences(now))
 
 
 def test_config_imports_no_model_code_and_its_names_are_the_models():

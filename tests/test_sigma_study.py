@@ -28,17 +28,20 @@ def _write_run(folder, losses):
 
 def test_report_gives_each_variant_against_the_spec_run_and_never_shortens_the_archive(tmp_path):
     results, out = tmp_path / "results", tmp_path / "out"
-    _write_run(results / "sigma_study/spec", {1: 0.06, 2: 0.04, 5: 0.02})
-    _write_run(results / "sigma_study/batch_128", {1: 0.09, 2: 0.05, 5: 0.03})
+    _write_run(results / "sigma_study/spec", {1: 0.06, 2: 0.04, 6: 0.02})
+    _write_run(results / "sigma_study/batch_128", {1: 0.09, 2: 0.05, 6: 0.03})
     (results / "sigma_study/diagnostics.json").write_text(json.dumps(
         {"precision": {"run": "spec", "step": 4685, "loss_float32": 0.0188, "loss_float64": 0.0188,
                        "gradient_float32_vs_float64": 2.6e-5, "gradient_between_two_draws": 0.91},
-         "latents": {"batch_128": {"step": 2340, "gradient_norm": 0.05, "start_norm": 0.16}}}))
+         "latents": {"batch_128": {"step": 2340, "gradient_norm": 0.05, "start_norm": 0.16},
+                     "sigma_0": {"step": 937, "gradient_norm": 0.01, "start_norm": 0.0}}}))
+    _write_run(results / "sigma_study/sigma_0", {1: 0.03})
     sigma_study.write_report(results, out)
     table = (out / "SIGMA_STUDY.md").read_text()
     assert ("| batch 128 (half the latent's 1/B factor) | 0.09 (1.50) | 0.05 (1.25) | 0.03 (1.50) | 0.31 (step 2340) |"
             in table)
     assert "| seed 1 | not run | not run | not run | |" in table
+    assert "| control: sigma 0 (the origin) | 0.03 (0.50) |  |  | z0 = 0 (step 937) |" in table
     assert "differs between the two by 2.6e-05 of its norm, and between two z0 draws by 0.91" in table
     assert (out / "sigma_study.png").stat().st_size > 10_000
     archived = out / "runs/sigma_study/batch_128/metrics.jsonl"
