@@ -288,16 +288,15 @@ def _key(cell: Cell) -> tuple:
     return cell.row.table, cell.row.name, cell.dataset, cell.seed
 
 
-def read_earlier(out: Path, max_epochs: int | None) -> dict:
-    """The cells of the report already in `out` (its results.json), by `_key`, when that report was made with the
-    same --max-epochs: {} when there is none."""
+def read_earlier(out: Path) -> dict:
+    """The cells of the report already in `out` (its results.json), by `_key`: {} when there is none. Whatever
+    --max-epochs either report was written with: a cap limits training, never what a report reads, so a capped
+    worker's report carries every measurement of the one before it."""
     file = Path(out) / "results.json"
     if not file.is_file():
         return {}
     try:
         document = json.loads(file.read_text())
-        if document.get("max_epochs") != max_epochs:
-            return {}
         rows = {(row.table, row.name): row for row in ROWS}
         earlier = {}
         for entry in document["cells"]:
@@ -602,7 +601,7 @@ def write_report(cells: Sequence[Cell], results: Path, out: Path | None = None, 
     out.mkdir(parents=True, exist_ok=True)
     archive = earlier = None  # a report beside its run folders reads those alone
     if out.resolve() != Path(results).resolve():
-        archive, earlier = out / ARCHIVE, read_earlier(out, max_epochs)
+        archive, earlier = out / ARCHIVE, read_earlier(out)
     read = collect(cells, results, max_epochs, archive, earlier)  # each cell from where it got furthest
     if archive is not None:
         archive_runs(read, results, archive)

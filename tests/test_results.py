@@ -317,6 +317,11 @@ def test_report_elsewhere_archives_runs_and_never_drops_a_measurement(fixture_re
     assert "**1.4 ± 0.1 / 2.6 ± 0.1**" in table and "500/500 ep, 1.0 h, 3 seeds †" in table
     assert f"- table1/gon/coil20/seed2: report of {written}, epoch 500/500" in table
 
+    # A capped worker's report (--max-epochs) in between carries seed 2 too, and so the next full report.
+    suite.write_report(cells, fresh, out, max_epochs=10)
+    read = _by_cell(suite.write_report(cells, fresh, out))
+    assert (read["gon", "coil20", 2].train, read["gon", "coil20", 2].source) == (1.5, f"report of {written}")
+
     # A retrained seed 2 that reaches the same epoch replaces the carried value and is archived.
     _write_run(fresh, "table1/gon/coil20/seed2", [(0, 0, 60.0, 61.0, 0.06, 0.06, 0.0, 10.0),
                                                  (500, 9000, 1.6, 2.9, 0.001, 0.002, 3000.0, 10.0)])
