@@ -2,6 +2,7 @@
 MNIST learning curve at sigma = 0.01, each variant changing one thing against the ablation's own settings.
 
     python -m experiments.sigma_study --results RESULTS --manual-dir ../shared/data      # train, then report
+    python -m experiments.sigma_study --results RESULTS --out docs/results --diagnose    # + latent split, float64
     python -m experiments.sigma_study --results RESULTS --out docs/results --report      # the report only
 
 Each variant trains an ordinary run folder RESULTS/sigma_study/<variant>/ (resumable: rerun to continue) for
@@ -30,6 +31,8 @@ SIGMA = 0.01
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
+    """One run of the study: its folder name, its label in the report, and the one setting it changes."""
+
     name: str
     label: str
     settings: dict  # Config fields changed from the ablation's GON (16, 256), MNIST, sigma = 0.01, seed 0
@@ -56,6 +59,7 @@ REPORT_EPOCHS = (1, 2, 6, 10, 15)
 
 
 def variant_config(variant: Variant, epochs: int, eval_batches: int, **data_flags) -> Config:
+    """The variant's Config: the sigma = 0.01 ablation's (GON (16, 256), MNIST, GON-SPEC 9) with its change."""
     settings = {"latent_sigma": SIGMA, **variant.settings}
     return Config(model="gon", dataset="mnist", epochs=epochs, eval_batches=eval_batches, **settings,
                   **data_flags).validate()
