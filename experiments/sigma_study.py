@@ -106,14 +106,7 @@ def read_study(results: Path, archive: Path | None) -> dict[str, dict[int, float
 def archive_runs(results: Path, archive: Path) -> None:
     """Copy each run's metrics and config to archive/sigma_study/<variant>/ unless the copy there is further."""
     for variant in VARIANTS:
-        source, target = results / STUDY / variant.name, archive / STUDY / variant.name
-        fresh, kept = curve(source), curve(target)
-        if not fresh or max(kept, default=-1) > max(fresh):
-            continue
-        target.mkdir(parents=True, exist_ok=True)
-        for name in suite.ARCHIVED_FILES:
-            if (source / name).is_file():
-                files.write_atomic(target / name, (source / name).read_text())
+        suite.archive_run_files(results / STUDY / variant.name, archive / STUDY / variant.name)
     if (results / STUDY / DIAGNOSTICS_FILE).is_file():
         files.write_atomic(archive / STUDY / DIAGNOSTICS_FILE, (results / STUDY / DIAGNOSTICS_FILE).read_text())
 

@@ -350,15 +350,10 @@ def archive_runs(read: Sequence[CellResult], results: Path, archive: Path) -> li
     unfinished = {r.run for r in read if r.status in ("partial", "capped")}
     for run in dict.fromkeys(r.run for r in read):
         source, target = Path(results) / run, Path(archive) / run
-        fresh = epoch_records(read_records(source), float("inf"))
-        kept = epoch_records(read_records(target), float("inf"))
-        if not fresh or (kept and kept[-1]["epoch"] > fresh[-1]["epoch"]):
+        written = archive_run_files(source, target)
+        if not written:
             continue
-        target.mkdir(parents=True, exist_ok=True)
-        for name in ARCHIVED_FILES:
-            if (source / name).is_file():
-                files.write_atomic(target / name, (source / name).read_text())
-                copied.append(target / name)
+        copied += written
         latest = _latest_checkpoint(source) if run in unfinished else None
         archived = _latest_checkpoint(target)
         if latest is not None and (archived is None or latest.name != archived.name):
@@ -371,6 +366,22 @@ def archive_runs(read: Sequence[CellResult], results: Path, archive: Path) -> li
                 if latest is None or old.name != latest.name:
                     shutil.rmtree(old)
     return copied
+
+
+def archive_run_files(source: Path, target: Path) -> list[Path]:
+    """Copy a run folder's ARCHIVED_FILES into `target`, unless the copy there already reaches a later epoch (a
+    restarted run never shortens what was archived). Returns the files written ([] when none)."""
+    fresh = epoch_records(read_records(source), float("inf"))
+    kept = epoch_records(read_records(target), float("inf"))
+    if not fresh or (kept and kept[-1]["epoch"] > fresh[-1]["epoch"]):
+        return []
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in ARCHIVED_FILES:
+        if (source / name).is_file():
+            files.write_atomic(target / name, (source / name).read_text())
+            written.append(target / name)
+    return written
 
 
 def _latest_checkpoint(run: Path) -> Path | None:
@@ -623,6 +634,11 @@ def write_report(cells: Sequence[Cell], results: Path, out: Path | None = None, 
     return read
 
 
+def local_seed(summary: Summary, results: Path) -> CellResult | None:
+    """The first seed of a cell whose run folder is under `results` (the pictures' source), or None."""
+    return next((r for r in summary.results if (Path(results) / r.run).is_dir()), None)
+
+
 def draw_superres(summaries: Sequence[Summary], results: Path) -> list[Path]:
     """For each Implicit GON cell whose run folder is here, its super-resolution picture at its latest checkpoint
     (`experiments.render.draw_run_superres`: superres_<epoch>.png, drawn once per checkpointed epoch)."""
@@ -630,9 +646,10 @@ def draw_superres(summaries: Sequence[Summary], results: Path) -> list[Path]:
 
     drawn = []
     for summary in summaries:
-        run = Path(results) / summary.results[0].run if summary.results else None
-        if summary.row.model != "implicit_gon" or run is None or not run.is_dir():
+        local = local_seed(summary, results)
+        if summary.row.model != "implicit_gon" or local is None:
             continue
+        run = Path(results) / local.run
         try:
             picture = draw_run_superres(run)
         except GonjaxError as error:  # no data here, a damaged checkpoint: the report goes on without it
@@ -662,10 +679,8 @@ def copy_pictures(summaries: Sequence[Summary], results: Path, out: Path) -> lis
     for summary in summaries:
         if summary.epoch is None or summary.row.table == "ablations":
             continue
-        # the first seed whose run folder is here (a cell known from the archive or an earlier report only keeps
-        # the picture it left, until a seed trains here again)
-        first = next((r for r in summary.results if (Path(results) / r.run).is_dir()), None)
-        if first is None:
+        first = local_seed(summary, results)
+        if first is None:  # known from the archive or an earlier report only: keep the picture it left
             continue
         run = Path(results) / first.run
         tests = {epoch: test for epoch, _, test in first.curve}
