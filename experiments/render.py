@@ -71,7 +71,8 @@ def _require_memory(n: int, resolution: int, channels: int) -> None:
 
 def test_latents(config, model, state, test_images: np.ndarray, count: int) -> np.ndarray:
     """The latents of the first `count` test images (at least), reached as in evaluation: in batches of the
-    run's batch size from its first, the batch J's pictures show (the inner loss averages over its batch)."""
+    run's batch size from the split's first (the official test file's first images, for MNIST, Fashion-MNIST and
+    CIFAR-10; the inner loss averages over its batch)."""
     count = math.ceil(count / config.batch_size) * config.batch_size
     if count > len(test_images):
         raise UsageError(f"{count} test images are needed (batches of {config.batch_size}); {config.dataset} has "

@@ -48,7 +48,7 @@ def test_official_idx_datasets_through_tfds(name, shared_data, tfds_dir):
     for split, prefix, count in (("train", "train", 60_000), ("test", "t10k", 10_000)):
         images = input_pipeline.read_split(builder, split)
         assert images.shape == (count, 28, 28, 1) and images.dtype == np.uint8
-        # The official file's images in the file's order (the first test batch is J's: 7, 2, 1, 0, ... on MNIST).
+        # The official file's images in the file's order (the first test batch: 7, 2, 1, 0, ... on MNIST).
         raw = _raw_idx(shared_data / name / f"{prefix}-images-idx3-ubyte.gz").reshape(count, -1)
         np.testing.assert_array_equal(images.reshape(count, -1), raw)
 

@@ -27,8 +27,8 @@ from etils import epath
 
 _VERSION = tfds.core.Version("1.0.0")
 # MNIST, Fashion-MNIST and CIFAR-10 keep the official files' order (TFDS would otherwise store examples in an order
-# hashed from their keys): the test split's first batch is then the first 64 images of the official test file, the
-# batch J's pictures show (7, 2, 1, 0, 4, ... on MNIST). 1.0.0 stored them hashed.
+# hashed from their keys): the test split's first batch is then the first 64 images of the official test file
+# (7, 2, 1, 0, 4, ... on MNIST), as a fixed-order torchvision test loader reads them. 1.0.0 stored them hashed.
 _OFFICIAL_ORDER_VERSION = tfds.core.Version("1.1.0")
 _OFFICIAL_ORDER_NOTES = {"1.1.0": "Examples in the official files' order (disable_shuffling).",
                          "1.0.0": "Examples in TFDS's hashed order."}
