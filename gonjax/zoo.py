@@ -33,7 +33,9 @@ class ModelOutput(NamedTuple):
 class Model:
     """A trainable model as the trainer sees it.
 
-    init(rng, batch) -> {"params": ..., "batch_stats": ...}
+    init(rng, batch) -> {"params": ..., "batch_stats": ...}: the initial variables, which depend on the
+        shape of one example only (each init runs the module on the batch's first example, eagerly, so it is
+        cheap for any batch size and gives the same variables for every batch size)
     apply(params, batch_stats, batch, rng, step=0) -> (loss, (batch_stats, ModelOutput))
     encode(params, batch_stats, images, rng) -> latents (n, nz) of a batch of images: the origin step's latent
         (GON, Implicit GON), the mean of q(z | x) (V-GON: of the heads at the origin step's latent; VAE), or the
@@ -218,7 +220,7 @@ def gon(config: Config, nc: int) -> Model:
         return loss, (result.state, ModelOutput(result.output, metrics, result.latent))
 
     def init(rng, images):
-        variables = decoder.init(rng, jnp.zeros((images.shape[0], nz), images.dtype))
+        variables = decoder.init(rng, jnp.zeros((1, nz), images.dtype))
         return _with_learned_origin(config, variables, nz, images.dtype)
 
     def decode_latents(params, batch_stats, z):
@@ -275,7 +277,7 @@ def vgon(config: Config, nc: int) -> Model:
         return loss, (result.state, ModelOutput(reconstruction, metrics, result.latent))
 
     def init(rng, images):
-        z0 = jnp.zeros((images.shape[0], nz), images.dtype)
+        z0 = jnp.zeros((1, nz), images.dtype)
         return _with_learned_origin(config, function.init(rng, z0, z0), nz, images.dtype)
 
     origin_latent = _latent_of(apply)
@@ -308,7 +310,7 @@ def ae(config: Config, nc: int) -> Model:
         check_images(images, nc, 32, config.run_name)
         return _stateful_apply(module, params, batch_stats, images, method=lambda m, x: m.encoder(x))[0]
 
-    return Model(name=config.run_name, init=lambda rng, images: dict(module.init(rng, images)), apply=apply,
+    return Model(name=config.run_name, init=lambda rng, images: dict(module.init(rng, images[:1])), apply=apply,
                  encode=encode, decode=_module_decoder(module))
 
 
@@ -330,7 +332,7 @@ def vae(config: Config, nc: int) -> Model:
         return loss, (batch_stats, ModelOutput(reconstruction, metrics))
 
     def init(rng, images):
-        return dict(module.init(rng, images, jnp.zeros((images.shape[0], nz), images.dtype)))
+        return dict(module.init(rng, images[:1], jnp.zeros((1, nz), images.dtype)))
 
     def encode(params, batch_stats, images, rng):
         check_images(images, nc, 32, config.run_name)
@@ -394,7 +396,7 @@ def implicit_gon(config: Config, nc: int) -> Model:
         return decode_at(module_params(params), state, latents, coords)
 
     def init(rng, images):
-        variables = siren.init(rng, coordinate_grid(size), jnp.zeros((images.shape[0], nz), images.dtype))
+        variables = siren.init(rng, coordinate_grid(size), jnp.zeros((1, nz), images.dtype))
         variables = {"params": variables["params"], "batch_stats": variables.get("constants", {})}
         return _with_learned_origin(config, variables, nz, images.dtype)
 

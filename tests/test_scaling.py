@@ -42,7 +42,7 @@ def _checks(kind: str, model: str) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("model", ["gon", "vgon", "ae", "vae", "implicit_gon"])
-def test_one_float64_step_on_2_4_8_devices_equals_the_one_device_step(model):
+def test_one_float64_step_on_2_and_8_devices_equals_the_one_device_step(model):
     errors = _checks("devices", model)
     expected = {"gradients", "loss", "reconstruction", "params after Adam", "Adam state", "eval reconstruction",
                 "train loss", "eval loss"}
@@ -52,7 +52,7 @@ def test_one_float64_step_on_2_4_8_devices_equals_the_one_device_step(model):
         expected |= {"latent", "train inner_loss"}
     if model == "implicit_gon":
         expected.add("latent bank")
-    for devices in (2, 4, 8):
+    for devices in (2, 8):
         missing = {name for name in expected if f"{devices} devices: {name}" not in errors}
         assert not missing, f"{devices} devices: not compared: {missing}"
     worst = max(errors, key=errors.get)

@@ -32,7 +32,7 @@ def test_the_tour_runs_end_to_end_and_is_committed_with_its_pictures(shared_data
     assert len(_pictures(notebook)) == 5
     text = "".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
                    for output in cell.outputs)
-    assert "step 36: squared error per image" in text and "step 4: per-pixel MSE" in text
+    assert "step 18: squared error per image" in text and "step 2: per-pixel MSE" in text
     assert "read_only=True" not in text and "read only" not in text  # orbax's notices on loading are held back
     warnings = [line for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
                 if output.get("name") == "stderr" for line in output.get("text", "").splitlines() if "WARNING" in line]
