@@ -413,8 +413,8 @@ def restore_from_archive(results: Path, folder: Path, archive: Path) -> int | No
 
 @dataclasses.dataclass(frozen=True)
 class Summary:
-    """One table cell over its seeds, read at one epoch: the lowest all of them reached, or, when some reached the
-    cell's target and others not yet, the target over those that did (`behind` are the others)."""
+    """One table cell over its seeds, read at one epoch: the lowest all of them reached, or, when some finished the
+    cell's schedule and others not yet, its end over those that did (`behind` are the others)."""
 
     row: Row
     dataset: str
@@ -451,8 +451,10 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
 
 
 def summarize(results: Sequence[CellResult]) -> list[Summary]:
-    """Group seeds of the same cell; values are taken at the lowest epoch every seed reached, or at the target
-    over the seeds that reached it while the others are still short of it (they are named, not averaged in)."""
+    """Group seeds of the same cell; values are taken at the lowest epoch every seed reached, or at the end of the
+    schedule over the seeds that finished it while the others are still short of it (named, not averaged in). The
+    bar is the spec's schedule, never a --max-epochs cap: a seed stopped at a worker's cap has not finished, so a
+    capped worker's report reads a cell as an uncapped one does."""
     groups: dict[tuple, list[CellResult]] = {}
     for result in results:
         groups.setdefault((result.cell.row.table, result.cell.row.name, result.cell.dataset), []).append(result)
@@ -463,7 +465,7 @@ def summarize(results: Sequence[CellResult]) -> list[Summary]:
         if not started:
             summaries.append(Summary(row, dataset, tuple(group), None, None, None, None))
             continue
-        reached = [r for r in started if r.epoch >= r.target_epochs]
+        reached = [r for r in started if r.epoch >= r.cell.schedule_epochs]
         chosen = reached if reached else started
         behind = tuple(r for r in started if r not in chosen)
         epoch = min(r.epoch for r in chosen)

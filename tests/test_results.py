@@ -172,6 +172,24 @@ def test_a_capped_pass_reads_cells_that_went_further_in_full(fixture_results):
     assert (read["ae", "coil20", 0].status, read["ae", "coil20", 0].epoch) == ("partial", 212)  # not the cap's
 
 
+def test_a_capped_pass_reads_a_cell_of_finished_and_capped_seeds_as_an_uncapped_one_does(fixture_results):
+    """GON COIL-20 has seeds 0-2 finished at 500; a worker capped at 20 epochs trains a seed 3 to its cap. The
+    capped worker's report keeps the finished seeds' values at 500 and names seed 3 as behind; it does not read
+    all four at epoch 20 (a capped pictures worker once did that to a finished cell)."""
+    _write_run(fixture_results, "table1/gon/coil20/seed3", [(0, 0, 9.0, 9.0, 0.1, 0.1, 0.0, 1.0),
+                                                            (20, 360, 3.0, 4.0, 0.1, 0.1, 30.0, 1.0)])
+    plan = suite.plan(["table1"], ["coil20"], ["gon"], seeds=[0, 1, 2, 3])
+    reports = []
+    for max_epochs in (20, None):
+        read = suite.collect(plan, fixture_results, max_epochs=max_epochs)
+        assert {r.cell.seed: r.status for r in read} == {0: "finished", 1: "finished", 2: "finished",
+                                                          3: "capped" if max_epochs else "partial"}
+        summary, = suite.summarize(read)
+        reports.append((summary.epoch, summary.train, summary.test, [r.cell.seed for r in summary.behind]))
+    assert reports[0] == reports[1]
+    assert reports[0][0] == 500 and reports[0][3] == [3]
+
+
 def test_a_report_planned_for_another_seed_lists_only_the_seeds_that_exist(fixture_results):
     """A queue started with --seeds 1 writes the report of every cell with seed 1 planned: cells whose runs exist
     keep exactly their seeds (no unstarted seed 1 counted), a cell with none is listed as its planned seed."""
