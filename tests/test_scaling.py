@@ -23,6 +23,7 @@ from gonjax.config import Config
 from gonjax.errors import UsageError
 
 from conftest import FAST_COMPILE, REPO, run_main
+from scaling_checks import DEVICE_COUNTS
 
 TOLERANCE = 1e-10  # float64, relative (normwise per quantity: tests/scaling_checks.py says why)
 FLOAT32 = dict(rtol=2e-4, atol=1e-6)  # two float32 runs of 36 steps whose sums run in different orders
@@ -52,7 +53,7 @@ def test_one_float64_step_on_2_and_8_devices_equals_the_one_device_step(model):
         expected |= {"latent", "train inner_loss"}
     if model == "implicit_gon":
         expected.add("latent bank")
-    for devices in (2, 8):
+    for devices in DEVICE_COUNTS:
         missing = {name for name in expected if f"{devices} devices: {name}" not in errors}
         assert not missing, f"{devices} devices: not compared: {missing}"
     worst = max(errors, key=errors.get)
