@@ -49,7 +49,9 @@ def test_p_default_vgon_parameter_count():
 
 FULL_BATCH_INIT = {  # (config, images, zero latents) -> the Flax modules' variables, initialised on all of them
     "gon": lambda c, x, z: ConvDecoder(ngf=c.ngf, nc=1).init(jax.random.PRNGKey(0), z),
+    "vgon": lambda c, x, z: models.VariationalGONFunction(nz=c.nz, ngf=c.ngf, nc=1).init(jax.random.PRNGKey(0), z, z),
     "ae": lambda c, x, z: models.ConvAutoencoder(nz=c.nz, ngf=c.ngf, nc=1).init(jax.random.PRNGKey(0), x),
+    "vae": lambda c, x, z: models.ConvVAE(nz=c.nz, ngf=c.ngf, nc=1).init(jax.random.PRNGKey(0), x, z),
     "implicit_gon": lambda c, x, z: siren_for(c, 1).init(jax.random.PRNGKey(0), models.coordinate_grid(32), z),
 }
 
