@@ -345,15 +345,20 @@ def archive_runs(read: Sequence[CellResult], results: Path, archive: Path) -> li
     """Copy each read run's metrics, config and data description from `results` into `archive/<run>/`, unless
     the copy there already reaches a later epoch (a restarted run never shortens what was archived); for a run
     that has not reached its schedule, also its latest checkpoint (`archive/<run>/checkpoints/<step>/`, a few MB,
-    replacing an older one), so a machine that loses the run folders resumes it (`restore_from_archive`)."""
+    replacing an older one), so a machine that loses the run folders resumes it (`restore_from_archive`). Whether
+    a run has reached its schedule is read from its own records, not from the cell's reported value: a rerun of a
+    cell the report still shows from an earlier report (†) keeps its checkpoint too."""
     copied = []
-    unfinished = {r.run for r in read if r.status in ("partial", "capped")}
-    for run in dict.fromkeys(r.run for r in read):
+    schedules = {r.run: r.cell.schedule_epochs for r in read}
+    unfinished = set()
+    for run, schedule in schedules.items():
         source, target = Path(results) / run, Path(archive) / run
         written = archive_run_files(source, target)
         if not written:
             continue
         copied += written
+        if epoch_records(read_records(source), float("inf"))[-1]["epoch"] < schedule:
+            unfinished.add(run)
         latest = _latest_checkpoint(source) if run in unfinished else None
         archived = _latest_checkpoint(target)
         if latest is not None and (archived is None or latest.name != archived.name):

@@ -190,6 +190,23 @@ def test_a_capped_pass_reads_a_cell_of_finished_and_capped_seeds_as_an_uncapped_
     assert reports[0][0] == 500 and reports[0][3] == [3]
 
 
+def test_the_archive_keeps_the_checkpoint_of_a_rerun_the_report_still_reads_from_an_earlier_report(tmp_path):
+    """A † cell (its finished run lost, its value kept by the earlier report) being retrained: the report reads the
+    cell at 500 from the earlier report, but the rerun at epoch 2 is short of its schedule, so the archive keeps
+    its latest checkpoint (a machine lost now resumes the rerun, not restarts it)."""
+    results, archive = tmp_path / "results", tmp_path / "out" / "runs"
+    cell = next(c for c in suite.plan(["table1"], ["coil20"], ["ae_32_256"]))
+    folder = str(suite.run_folder(cell))
+    _write_run(results, folder, [(0, 0, 9.0, 9.0, 0.1, 0.1, 0.0, 1.0), (2, 36, 5.0, 6.0, 0.1, 0.1, 9.0, 1.0)])
+    for step in (18, 36):
+        (results / folder / "checkpoints" / str(step)).mkdir(parents=True)
+        (results / folder / "checkpoints" / str(step) / "state").write_text(str(step))
+    earlier = suite.CellResult(cell, folder, "finished", 500, 500, 0.38, 4.11, 0.45, source="report of 2026-11-26")
+    suite.archive_runs([earlier], results, archive)
+    assert sorted(p.name for p in (archive / folder / "checkpoints").iterdir()) == ["36"]
+    assert (archive / folder / "checkpoints" / "36" / "state").read_text() == "36"
+
+
 def test_a_report_planned_for_another_seed_lists_only_the_seeds_that_exist(fixture_results):
     """A queue started with --seeds 1 writes the report of every cell with seed 1 planned: cells whose runs exist
     keep exactly their seeds (no unstarted seed 1 counted), a cell with none is listed as its planned seed."""
