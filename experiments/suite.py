@@ -349,24 +349,21 @@ def archive_runs(read: Sequence[CellResult], results: Path, archive: Path) -> li
     a run has reached its schedule is read from its own records, not from the cell's reported value: a rerun of a
     cell the report still shows from an earlier report (†) keeps its checkpoint too."""
     copied = []
-    schedules = {r.run: r.cell.schedule_epochs for r in read}
-    unfinished = set()
-    for run, schedule in schedules.items():
+    for run, schedule in {r.run: r.cell.schedule_epochs for r in read}.items():
         source, target = Path(results) / run, Path(archive) / run
         written = archive_run_files(source, target)
         if not written:
             continue
         copied += written
-        if epoch_records(read_records(source), float("inf"))[-1]["epoch"] < schedule:
-            unfinished.add(run)
-        latest = _latest_checkpoint(source) if run in unfinished else None
+        unfinished = epoch_records(read_records(source), float("inf"))[-1]["epoch"] < schedule
+        latest = _latest_checkpoint(source) if unfinished else None
         archived = _latest_checkpoint(target)
         if latest is not None and (archived is None or latest.name != archived.name):
             (target / "checkpoints").mkdir(exist_ok=True)
             with files.atomic_output(target / "checkpoints" / latest.name, folder=True) as partial:
                 shutil.copytree(latest, partial, dirs_exist_ok=True)
             copied.append(target / "checkpoints" / latest.name)
-        if run not in unfinished or latest is not None:  # keep only the newest; none once the run is finished
+        if not unfinished or latest is not None:  # keep only the newest; none once the run is finished
             for old in (target / "checkpoints").glob("*"):
                 if latest is None or old.name != latest.name:
                     shutil.rmtree(old)

@@ -34,8 +34,8 @@ class Model:
     """A trainable model as the trainer sees it.
 
     init(rng, batch) -> {"params": ..., "batch_stats": ...}: the initial variables, which depend on the
-        shape of one example only (each init runs the module on the batch's first example, eagerly, so it is
-        cheap for any batch size and gives the same variables for every batch size)
+        shape of one example only (each init runs its modules on one example's worth of input, eagerly, so it
+        is cheap for any batch size and gives the same variables for every batch size)
     apply(params, batch_stats, batch, rng, step=0) -> (loss, (batch_stats, ModelOutput))
     encode(params, batch_stats, images, rng) -> latents (n, nz) of a batch of images: the origin step's latent
         (GON, Implicit GON), the mean of q(z | x) (V-GON: of the heads at the origin step's latent; VAE), or the
