@@ -351,11 +351,12 @@ def archive_runs(read: Sequence[CellResult], results: Path, archive: Path) -> li
     copied = []
     for run, schedule in {r.run: r.cell.schedule_epochs for r in read}.items():
         source, target = Path(results) / run, Path(archive) / run
-        written = archive_run_files(source, target)
+        fresh = epoch_records(read_records(source), float("inf"))
+        written = archive_run_files(source, target, fresh)
         if not written:
             continue
         copied += written
-        unfinished = epoch_records(read_records(source), float("inf"))[-1]["epoch"] < schedule
+        unfinished = fresh[-1]["epoch"] < schedule
         latest = _latest_checkpoint(source) if unfinished else None
         archived = _latest_checkpoint(target)
         if latest is not None and (archived is None or latest.name != archived.name):
@@ -370,10 +371,12 @@ def archive_runs(read: Sequence[CellResult], results: Path, archive: Path) -> li
     return copied
 
 
-def archive_run_files(source: Path, target: Path) -> list[Path]:
+def archive_run_files(source: Path, target: Path, fresh: Sequence[dict] | None = None) -> list[Path]:
     """Copy a run folder's ARCHIVED_FILES into `target`, unless the copy there already reaches a later epoch (a
-    restarted run never shortens what was archived). Returns the files written ([] when none)."""
-    fresh = epoch_records(read_records(source), float("inf"))
+    restarted run never shortens what was archived). `fresh`: the source's epoch records, when read already.
+    Returns the files written ([] when none)."""
+    if fresh is None:
+        fresh = epoch_records(read_records(source), float("inf"))
     kept = epoch_records(read_records(target), float("inf"))
     if not fresh or (kept and kept[-1]["epoch"] > fresh[-1]["epoch"]):
         return []
@@ -633,7 +636,8 @@ def write_report(cells: Sequence[Cell], results: Path, out: Path | None = None, 
         mine = [r for r in read if r.cell.row.table == "ablations" and r.cell.row.group == group and r.curve]
         if mine:
             figures.save_ablation_curves(out / f"ablation_{group}.png", mine, f"Ablation: {group}")
-    draw_superres(summaries, results)
+    if archive is None or Path(results).resolve() != archive.resolve():  # never draw into the archive itself
+        draw_superres(summaries, results)
     copy_pictures(summaries, results, out)
     return read
 

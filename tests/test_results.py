@@ -285,6 +285,39 @@ def test_the_report_titles_the_implicit_gons_super_resolution_picture(tmp_path):
     assert sorted(p.name for p in run.glob("superres_*.png")) == ["superres_20.png", "superres_40.png"]
 
 
+def test_a_report_rebuilt_from_its_archive_writes_nothing_into_the_archive(tmp_path, monkeypatch):
+    """`--report --results docs/results/runs --out docs/results` (a fresh clone) reads the archive and rewrites the
+    report only: an archived unfinished Implicit GON run (metrics and checkpoint) gets no superres_<epoch>.png
+    drawn into its folder, and every archived file keeps its bytes; a report from the run folders does draw."""
+    from experiments import render
+    drawn = []
+
+    def draw(workdir):  # what render.draw_run_superres does: a picture into the run's folder
+        drawn.append(workdir)
+        _grey_png(workdir / "superres_40.png", 400)
+        return workdir / "superres_40.png"
+
+    monkeypatch.setattr(render, "draw_run_superres", draw)
+    results, out = tmp_path / "results", tmp_path / "report"
+    run = results / "table2/implicit_gon/coil20/seed0"
+    run.mkdir(parents=True)
+    records = [{"epoch": e, "step": 18 * e, "train_mse": 0.1 / (e + 1), "test_mse": 0.2 / (e + 1),
+                "seconds": 10.0 * e, "eval_seconds": 1.0} for e in (0, 20, 40)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "checkpoints/720").mkdir(parents=True)
+    (run / "checkpoints/720/state").write_bytes(b"weights")
+    cells = suite.plan(["table2"], ["coil20"])
+    suite.write_report(cells, results, out)
+    archive = out / suite.ARCHIVE
+    assert drawn == [run] and (archive / "table2/implicit_gon/coil20/seed0/checkpoints/720/state").is_file()
+    before = {p: p.read_bytes() for p in archive.rglob("*") if p.is_file()}
+    table = (out / "TABLES.md").read_text()
+    suite.write_report(cells, archive, out)
+    assert {p: p.read_bytes() for p in archive.rglob("*") if p.is_file()} == before
+    assert len(drawn) == 1 and (out / "TABLES.md").read_text() == table
+    assert (out / "pictures/table2_implicit_gon_coil20_superres.png").is_file()  # the picture it left is kept
+
+
 def test_a_cells_picture_comes_from_a_seed_that_trains_here_when_seed_0_is_archived_only(tmp_path):
     """Seed 0 finished on a machine since replaced (its metrics archived, its folder gone): the picture comes from
     seed 1, which trains here, at its own latest drawn epoch; the values stay seed 0's, the finished one."""
