@@ -612,7 +612,8 @@ def report_markdown(summaries: Sequence[Summary], max_epochs: int | None, comman
 def write_report(cells: Sequence[Cell], results: Path, out: Path | None = None, max_epochs: int | None = None,
                  command: str = "python -m experiments.tables") -> list[CellResult]:
     """Read every cell under `results` and write TABLES.md, results.json and the figures into `out`
-    (default: `results`). Returns what was read."""
+    (default: `results`). A report rebuilt from its own archive (`--results docs/results/runs --out docs/results`,
+    a fresh clone) only reads the archive: nothing is copied or drawn into it. Returns what was read."""
     from experiments import figures  # matplotlib only when a report is drawn
 
     out = Path(out or results)
@@ -621,7 +622,8 @@ def write_report(cells: Sequence[Cell], results: Path, out: Path | None = None, 
     if out.resolve() != Path(results).resolve():
         archive, earlier = out / ARCHIVE, read_earlier(out)
     read = collect(cells, results, max_epochs, archive, earlier)  # each cell from where it got furthest
-    if archive is not None:
+    from_archive = archive is not None and archive.resolve() == Path(results).resolve()
+    if archive is not None and not from_archive:
         archive_runs(read, results, archive)
     summaries = summarize(read)
     files.write_atomic(out / "TABLES.md", report_markdown(summaries, max_epochs, command))
@@ -636,7 +638,7 @@ def write_report(cells: Sequence[Cell], results: Path, out: Path | None = None, 
         mine = [r for r in read if r.cell.row.table == "ablations" and r.cell.row.group == group and r.curve]
         if mine:
             figures.save_ablation_curves(out / f"ablation_{group}.png", mine, f"Ablation: {group}")
-    if archive is None or Path(results).resolve() != archive.resolve():  # never draw into the archive itself
+    if not from_archive:
         draw_superres(summaries, results)
     copy_pictures(summaries, results, out)
     return read

@@ -288,7 +288,7 @@ def test_the_report_titles_the_implicit_gons_super_resolution_picture(tmp_path):
 def test_a_report_rebuilt_from_its_archive_writes_nothing_into_the_archive(tmp_path, monkeypatch):
     """`--report --results docs/results/runs --out docs/results` (a fresh clone) reads the archive and rewrites the
     report only: an archived unfinished Implicit GON run (metrics and checkpoint) gets no superres_<epoch>.png
-    drawn into its folder, and every archived file keeps its bytes; a report from the run folders does draw."""
+    drawn into its folder, and no archived file is rewritten; a report from the run folders does draw."""
     from experiments import render
     drawn = []
 
@@ -310,10 +310,10 @@ def test_a_report_rebuilt_from_its_archive_writes_nothing_into_the_archive(tmp_p
     suite.write_report(cells, results, out)
     archive = out / suite.ARCHIVE
     assert drawn == [run] and (archive / "table2/implicit_gon/coil20/seed0/checkpoints/720/state").is_file()
-    before = {p: p.read_bytes() for p in archive.rglob("*") if p.is_file()}
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in archive.rglob("*") if p.is_file()}
     table = (out / "TABLES.md").read_text()
     suite.write_report(cells, archive, out)
-    assert {p: p.read_bytes() for p in archive.rglob("*") if p.is_file()} == before
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in archive.rglob("*") if p.is_file()} == before
     assert len(drawn) == 1 and (out / "TABLES.md").read_text() == table
     assert (out / "pictures/table2_implicit_gon_coil20_superres.png").is_file()  # the picture it left is kept
 
